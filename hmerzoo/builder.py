@@ -1,0 +1,176 @@
+"""``build_model`` and ``load_model``: recipe -> HMERModel, model directory -> HMERModel with weights.
+
+Build order: vocabulary -> encoder -> neck -> decoder -> heads -> loss. Each stage's output size and the
+vocabulary's size and special ids are injected into the next stages' constructors (only where the
+constructor takes them); a recipe value that contradicts an injected one is an error.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import CheckpointError, RecipeError
+from .model import HMERModel
+from .recipe import load_recipe, validate_recipe
+from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, Registry
+from .vocab import Vocabulary
+
+DEFAULT_LOSS = {"type": "cross_entropy"}
+RECIPE_FILE = "recipe.yaml"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build_component(reg: Registry, node: dict, path: str, injected: dict[str, Any] | None = None) -> Any:
+    """Instantiate one recipe node: ``type`` picks the class, the other keys are keyword arguments.
+
+    ``injected`` values are passed when the constructor takes them; a conflicting explicit value is an error.
+    """
+    cls = reg.get(node["type"], f"{path}.type")
+    kwargs = {k: v for k, v in node.items() if k != "type"}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name, value in (injected or {}).items():
+        if name not in params:
+            continue
+        if name in kwargs and kwargs[name] != value:
+            raise RecipeError(f"{path}.{name}: set to {kwargs[name]!r} but the model needs {value!r} here "
+                              f"(it is derived from the other components); remove the key")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{path}: cannot build {node['type']}: {e}") from None
+
+
+def vocab_from_recipe(recipe: dict) -> Vocabulary:
+    vcfg = recipe.get("vocab") or {}
+    dictionary = vcfg.get("dictionary")
+    if dictionary is None:
+        root = (recipe.get("data") or {}).get("root")
+        if root is None:
+            raise RecipeError("vocab.dictionary: not set, and data.root is not set either; give the dictionary file "
+                              "(vocab.dictionary=path/to/dictionary.txt) or the data root (data.root=DIR)")
+        dictionary = os.path.join(root, "dictionary.txt")
+    specials = vcfg.get("specials") or ["<pad>", "<sos>", "<eos>"]
+    return Vocabulary.from_dictionary(dictionary, specials)
+
+
+def build_model(recipe: str | os.PathLike | dict, overrides: Iterable[str] = (), vocab: Vocabulary | None = None,
+                validate: bool = True) -> HMERModel:
+    """Build a model (randomly initialised) from a recipe path, a shipped recipe name or a recipe dict.
+
+    ``vocab`` skips reading the dictionary (used when loading a saved model).
+    """
+    import hmerzoo.components  # noqa: F401  (registers the built-in components)
+
+    source = None if isinstance(recipe, dict) else str(recipe)
+    recipe = load_recipe(recipe, overrides)
+    if validate:
+        validate_recipe(recipe, source)
+    if vocab is None:
+        vocab = vocab_from_recipe(recipe)
+    specials = dict(vocab_size=len(vocab), **vocab.special_ids)
+    model_cfg = recipe["model"]
+
+    encoder = build_component(ENCODERS, model_cfg["encoder"], "model.encoder")
+    channels = _out_channels(encoder, "model.encoder")
+    neck = None
+    if model_cfg.get("neck"):
+        neck = build_component(NECKS, model_cfg["neck"], "model.neck", {"in_channels": channels})
+        channels = _out_channels(neck, "model.neck")
+    decoder = build_component(DECODERS, model_cfg["decoder"], "model.decoder", {"in_channels": channels, **specials})
+    d_model = getattr(decoder, "d_model", None)
+    heads = {}
+    for name, node in (model_cfg.get("heads") or {}).items():
+        if node is None:
+            continue  # a head switched off by an override (model.heads.NAME=null)
+        heads[name] = build_component(HEADS, node, f"model.heads.{name}", {"d_model": d_model, "vocab": vocab, **specials})
+    loss = build_component(LOSSES, recipe.get("loss") or DEFAULT_LOSS, "loss", specials)
+    return HMERModel(vocab, encoder, decoder, loss, neck=neck, heads=heads, recipe=recipe)
+
+
+def _out_channels(module: Any, path: str) -> int:
+    ch = getattr(module, "out_channels", None)
+    if not isinstance(ch, int):
+        raise RecipeError(f"{path}: {type(module).__name__} must expose an integer attribute 'out_channels' "
+                          "(the channels of its output), so the next component can be sized")
+    return ch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def find_weights(path: Path) -> Path:
+    """The weights file a model directory or run directory stands for."""
+    if path.is_file():
+        return path
+    for cand in (path / WEIGHTS_FILE, path / "checkpoints" / "best.safetensors"):
+        if cand.is_file():
+            return cand
+    steps = sorted((path / "checkpoints").glob("step-*.safetensors"))
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path}: no weights found (looked for {WEIGHTS_FILE}, checkpoints/best.safetensors, "
+                          "checkpoints/step-*.safetensors); is this a run directory or the output of 'hmerzoo convert'?")
+
+
+def find_model_dir(path: Path) -> Path:
+    """The directory holding recipe.yaml for a model directory, run directory or weights file inside one."""
+    for d in [path] + list(path.parents)[:3]:
+        if (d / RECIPE_FILE).is_file():
+            return d
+    raise CheckpointError(f"{path}: no {RECIPE_FILE} here or in the folders above; load_model takes a run "
+                          "directory or the output directory of 'hmerzoo convert'")
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", weights: str | None = None) -> HMERModel:
+    """Load a trained or converted model: its recipe, vocabulary and weights, in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    model_dir = find_model_dir(path if path.is_dir() else path.parent)
+    weights_path = Path(weights) if weights else find_weights(path)
+    if weights_path.suffix != ".safetensors":
+        raise CheckpointError(f"{weights_path}: load_model reads .safetensors weights only; "
+                              "use 'hmerzoo convert' for official checkpoints")
+    vocab_path = model_dir / VOCAB_FILE
+    if not vocab_path.is_file():
+        raise CheckpointError(f"{model_dir}: {VOCAB_FILE} is missing; the model's vocabulary is stored there")
+    vocab = Vocabulary.load(str(vocab_path))
+    model = build_model(model_dir / RECIPE_FILE, vocab=vocab)
+    try:
+        state = load_file(str(weights_path), device=str(map_location))
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise CheckpointError(f"{weights_path}: cannot read the weights ({e})") from None
+    load_state_dict_checked(model, state, str(weights_path))
+    model.to(map_location)
+    model.eval()
+    return model
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict(strict) with a message that says which model the file does not belong to."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} vs model "
+                         f"{tuple(own[k].shape)})")
+        raise CheckpointError(f"{where}: these weights belong to another model or vocabulary: "
+                              + "; ".join(parts) + ". Load them with the recipe and vocabulary they were trained with")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,181 @@
+"""The model contract shared by every architecture, and the composite model the trainer drives.
+
+    encoder : images [B,1,H,W], mask [B,H,W] (True = pad) -> features [B,C,h,w], mask [B,h,w]
+    neck    : (optional) features [B,C,h,w], mask -> memory [B,h,w,d] (channels last), mask [B,h,w]
+    decoder : teacher forcing  decoder(memory, mask, tokens) -> DecoderOutput
+              incremental      decoder.init_state(memory, mask, direction) -> state
+                               decoder.step(state, last_tokens [N]) -> (logits [N,V], state)
+                               decoder.reorder_state(state, index [N']) -> state
+    loss    : loss(output, batch) -> tensor or {name: tensor}      (the main objective)
+    heads   : head(output, batch) -> tensor or {name: tensor}      (auxiliary tasks; each builds its own targets)
+
+``HMERModel.forward(batch)`` returns ``{"loss": scalar, "losses": {name: scalar}}``; the trainer only ever
+uses that, so it never needs to know which model it trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .batch import Batch, pad_images
+from .vocab import Vocabulary
+
+IGNORE_INDEX = -100  # target id of positions without a target (padding); what F.cross_entropy ignores
+
+
+@dataclass
+class DecoderOutput:
+    """What a decoder's teacher-forced forward returns.
+
+    logits: [N, L, V]; targets: [N, L] with IGNORE_INDEX where there is no target.
+    hidden: [N, L, d] final decoder states (for auxiliary heads), or None.
+    directions: per row of N, "l2r" or "r2l" (bidirectional decoders stack both directions: N = 2B).
+    extras: anything else a decoder's own loss or heads need (attention maps, second branch...).
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    hidden: torch.Tensor | None = None
+    directions: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def direction_tokens(vocab_sos: int, vocab_eos: int, direction: str) -> tuple[int, int]:
+    """(start, stop) token ids of a direction: L2R runs <sos> ... <eos>, R2L runs <eos> ... <sos>."""
+    if direction == "l2r":
+        return vocab_sos, vocab_eos
+    if direction == "r2l":
+        return vocab_eos, vocab_sos
+    raise ValueError(f"direction must be 'l2r' or 'r2l', got {direction!r}")
+
+
+def teacher_forcing_tensors(tokens: Sequence[Sequence[int]], direction: str, sos_id: int, eos_id: int,
+                            pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs and targets for one direction, as BTTR builds them.
+
+    L2R: input ``<sos> y1..yn``, target ``y1..yn <eos>``; R2L: input ``<eos> yn..y1``, target ``yn..y1 <sos>``.
+    Inputs are right-padded with ``pad_id``, targets with IGNORE_INDEX. Shapes [N, max_len + 1].
+    """
+    start, stop = direction_tokens(sos_id, eos_id, direction)
+    n = len(tokens)
+    length = max((len(t) for t in tokens), default=0) + 1
+    inp = torch.full((n, length), pad_id, dtype=torch.long)
+    out = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    for i, seq in enumerate(tokens):
+        seq = list(seq) if direction == "l2r" else list(seq)[::-1]
+        k = len(seq)
+        inp[i, 0] = start
+        if k:
+            inp[i, 1:k + 1] = torch.tensor(seq, dtype=torch.long)
+            out[i, :k] = torch.tensor(seq, dtype=torch.long)
+        out[i, k] = stop
+    return inp.to(device), out.to(device)
+
+
+class HMERModel(nn.Module):
+    """Vocabulary + encoder (+ neck) + decoder + main loss + auxiliary heads."""
+
+    def __init__(self, vocab: Vocabulary, encoder: nn.Module, decoder: nn.Module, loss: nn.Module,
+                 neck: nn.Module | None = None, heads: dict[str, nn.Module] | None = None,
+                 recipe: dict | None = None):
+        super().__init__()
+        self.vocab = vocab
+        self.encoder = encoder
+        self.neck = neck
+        self.decoder = decoder
+        self.loss = loss
+        self.heads = nn.ModuleDict(heads or {})
+        self.recipe = recipe  # the resolved recipe the model was built from (saved with checkpoints)
+
+    # --- training -------------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, mask = self.encoder(images, image_mask)
+        if self.neck is not None:
+            feats, mask = self.neck(feats, mask)
+        return feats, mask
+
+    def forward(self, batch: Batch) -> dict[str, Any]:
+        memory, mask = self.encode(batch.images, batch.image_mask)
+        out = self.decoder(memory, mask, batch.tokens)
+        losses: dict[str, torch.Tensor] = {}
+        _collect(losses, "ce", self.loss(out, batch))
+        for name, head in self.heads.items():
+            _collect(losses, name, head(out, batch))
+        total = sum(losses.values())
+        return {"loss": total, "losses": losses, "output": out}
+
+    # --- inference ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def greedy(self, images: torch.Tensor, image_mask: torch.Tensor, max_len: int = 200,
+               direction: str = "l2r") -> list[list[int]]:
+        """Greedy decoding through the decoder's incremental interface; returns token ids in reading order."""
+        memory, mask = self.encode(images, image_mask)
+        start, stop = direction_tokens(self.vocab.sos_id, self.vocab.eos_id, direction)
+        n = images.shape[0]
+        state = self.decoder.init_state(memory, mask, direction)
+        last = torch.full((n,), start, dtype=torch.long, device=images.device)
+        done = torch.zeros(n, dtype=torch.bool, device=images.device)
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        for _ in range(max_len):
+            logits, state = self.decoder.step(state, last)
+            last = logits.argmax(-1)
+            for i in torch.nonzero(~done).flatten().tolist():
+                tok = int(last[i])
+                if tok == stop:
+                    done[i] = True
+                else:
+                    seqs[i].append(tok)
+            if bool(done.all()):
+                break
+        return seqs if direction == "l2r" else [s[::-1] for s in seqs]
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Any] | Any, latex: Sequence[str] | str, direction: str = "l2r") -> torch.Tensor:
+        """Log-probability of each (image, LaTeX) pair under one direction, end token included.
+
+        ``images``: PIL images, numpy arrays or paths (white ink on black), each scored alone and unpadded.
+        ``latex``: space-separated tokens. Returns a float tensor [N] (summed log-probabilities).
+        """
+        from .data.images import load_image_tensor  # local import: data is optional for pure model use
+
+        if isinstance(latex, str):
+            latex, images = [latex], [images]
+        if len(images) != len(latex):
+            raise ValueError(f"score: {len(images)} images but {len(latex)} captions")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        scores = []
+        try:
+            for img, tex in zip(images, latex):
+                t = load_image_tensor(img)
+                x, m = pad_images([t])
+                memory, mask = self.encode(x.to(device), m.to(device))
+                ids = self.vocab.encode(tex, where="score")
+                scores.append(self.decoder.log_likelihood(memory, mask, [ids], direction)[0])
+        finally:
+            self.train(was_training)
+        return torch.stack(scores).float().cpu()
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def _collect(losses: dict[str, torch.Tensor], name: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            losses[k if k not in losses else f"{name}.{k}"] = v
+    else:
+        losses[name] = value
+
+
+def sequence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of log_softmax(logits)[target], skipping IGNORE_INDEX. [N, L, V], [N, L] -> [N]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    valid = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * valid).sum(-1)
