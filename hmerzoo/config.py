@@ -23,11 +23,11 @@ class VocabConfig:
 @dataclasses.dataclass
 class DataConfig:
     root: str | None = None  # directory with <split>/ folders or <split>.zip files (the BTTR/CoMER layout)
-    train_split: str = "train"
+    train_split: str | int = "train"
     # Validation: None = a seeded held-out slice of the training split (val_holdout samples, removed from
     # training). A split name such as "2014" validates on that test set - the protocol of the BTTR/CoMER/ABM
     # papers, which choose checkpoints and decay the learning rate on the test year.
-    val_split: str | None = None
+    val_split: str | int | None = None
     val_holdout: int = 500
     val_limit: int | None = None  # validate on at most this many samples (quick runs)
     train_limit: int | None = None  # train on at most this many samples (quick runs)

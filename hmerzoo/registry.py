@@ -122,7 +122,13 @@ ALL = {
 
 
 def import_modules(modules: list[str] | None, key_path: str = "imports") -> None:
-    """Import user modules so their ``@register`` decorators run."""
+    """Import user modules so their ``@register`` decorators run. The current directory is searched too,
+    as ``python -m`` would, so a module next to the recipe's working directory needs no install."""
+    import os
+    import sys
+
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for i, mod in enumerate(modules or []):
         try:
             importlib.import_module(mod)

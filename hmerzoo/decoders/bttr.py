@@ -1,0 +1,260 @@
+"""BTTR's decoder: one post-LN transformer decoder shared by both directions (Zhao et al., ICDAR 2021).
+
+Faithful to the official ``bttr/model/decoder.py``: ``Embedding -> LayerNorm -> + WordPosEnc``, a stack of
+torch-style ``TransformerDecoderLayer`` s (post-LN, ReLU, dropout 0.3 also on the attention weights), a causal
+self-attention mask plus a key padding mask on ``<pad>`` inputs, a memory key padding mask from the image mask,
+and ``Linear(d_model -> vocab)``. Training stacks the L2R and R2L rows into one 2B batch.
+
+The layers are written here (not ``nn.TransformerDecoder``) so that decoding can be incremental: the
+cross-attention keys/values are projected once per image and each step appends one self-attention key/value per
+layer instead of re-running the prefix (the official beam search re-decodes the whole prefix every step).
+Parameter names mirror torch's ``TransformerDecoderLayer`` so official checkpoints convert by renaming prefixes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model import DecoderOutput, direction_tokens, teacher_forcing_tensors
+from ..posenc import WordPosEnc
+from ..registry import DECODERS
+from .base import SequenceDecoder
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with torch's parameter layout (packed ``in_proj_weight`` = [W_q; W_k; W_v]).
+
+    Split into projection and attention so that keys/values can be projected once and cached.
+    Tensors between the two are [N, heads, length, head_dim].
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float):
+        super().__init__()
+        if d_model % nhead != 0:
+            raise ValueError(f"attention: d_model {d_model} is not divisible by nhead {nhead}")
+        self.d_model = d_model
+        self.nhead = nhead
+        self.head_dim = d_model // nhead
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation, so training from scratch starts like the official code
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        return x.view(n, length, self.nhead, self.head_dim).transpose(1, 2)
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.d_model
+        return self._split_heads(F.linear(x, self.in_proj_weight[:d], self.in_proj_bias[:d]))
+
+    def project_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.d_model
+        k, v = F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def project_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [N,H,L,hd], k/v [N,H,S,hd], bool mask (True = may attend) broadcastable to [N,H,L,S] -> [N,L,d].
+
+        A bool mask keeps this independent of the compute dtype (autocast); SDPA turns it into -inf scores, as
+        torch's MultiheadAttention does with BTTR's bool masks.
+        """
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        n, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, self.d_model))
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Post-LN decoder layer, numerically the same as ``torch.nn.TransformerDecoderLayer(norm_first=False)``."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, self_mask: torch.Tensor | None,
+                cross_mask: torch.Tensor | None, past_k: torch.Tensor | None = None,
+                past_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N,L,d] -> (x', self-attention keys, values including ``past_k``/``past_v``)."""
+        q, k, v = self.self_attn.project_all(x)
+        if past_k is not None:
+            k = torch.cat((past_k, k), dim=2)
+            v = torch.cat((past_v, v), dim=2)
+        x = self.norm1(x + self.dropout1(self.self_attn.attend(q, k, v, self_mask)))
+        q = self.multihead_attn.project_query(x)
+        x = self.norm2(x + self.dropout2(self.multihead_attn.attend(q, cross_k, cross_v, cross_mask)))
+        ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        x = self.norm3(x + self.dropout3(ff))
+        return x, k, v
+
+
+@dataclass
+class BTTRDecoderState:
+    """Incremental-decoding state; every tensor has the rows N (images x beams) first.
+
+    cross_k/cross_v: per layer [N,H,S,hd], projected once from the memory. cross_mask: [N,1,1,S].
+    self_k/self_v: per layer [N,H,t,hd], one entry appended per step. self_pad: [N,t] True where the input token
+    was ``<pad>`` (masked as a key, as the official code does). position: t, the next input's position.
+    Masks are bool with True = may attend.
+    """
+
+    cross_k: list[torch.Tensor]
+    cross_v: list[torch.Tensor]
+    cross_mask: torch.Tensor
+    self_k: list[torch.Tensor]
+    self_v: list[torch.Tensor]
+    self_pad: torch.Tensor
+    position: int
+    direction: str
+
+
+@DECODERS.register("bttr")
+class BTTRDecoder(SequenceDecoder):
+    """BTTR's bidirectional transformer decoder.
+
+    memory [B,h,w,d] (channels last, from a neck) + mask [B,h,w] (True = pad). Training rows: B L2R then B R2L.
+    ``max_positions``: length of the word position table (official: 500), the longest input it can decode.
+    """
+
+    def __init__(self, in_channels: int, vocab_size: int, pad_id: int | None, sos_id: int, eos_id: int,
+                 d_model: int = 256, nhead: int = 8, num_layers: int = 3, dim_feedforward: int = 1024,
+                 dropout: float = 0.3, max_positions: int = 500):
+        super().__init__()
+        if in_channels != d_model:
+            raise ValueError(f"bttr decoder: its memory has {in_channels} channels but d_model is {d_model}; "
+                             "use a neck that projects the encoder features to d_model (e.g. bttr_projection "
+                             f"with d_model: {d_model})")
+        if pad_id is None:
+            raise ValueError("bttr decoder: the vocabulary has no <pad> token; BTTR pads its inputs with <pad> "
+                             "and masks them, so add <pad> to vocab.specials")
+        self.d_model = d_model
+        self.nhead = nhead
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.sos_id = sos_id
+        self.eos_id = eos_id
+        self.word_embed = nn.Embedding(vocab_size, d_model)
+        self.embed_norm = nn.LayerNorm(d_model)
+        self.pos_enc = WordPosEnc(d_model, max_len=max_positions)
+        self.layers = nn.ModuleList(TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout)
+                                    for _ in range(num_layers))
+        self.proj = nn.Linear(d_model, vocab_size)
+
+    # --- shared pieces ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _flatten_memory(memory: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B,h,w,d], [B,h,w] -> [B,h*w,d], [B,h*w] (row-major, as the official encoder flattens)."""
+        if memory.dim() == 4:
+            memory = memory.flatten(1, 2)
+            mask = mask.flatten(1)
+        return memory, mask.bool()
+
+    def _embed(self, inputs: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return self.pos_enc(self.embed_norm(self.word_embed(inputs)), offset)
+
+    def _cross_key_values(self, memory: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        keys, values = [], []
+        for layer in self.layers:
+            k, v = layer.multihead_attn.project_key_value(memory)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    def decode(self, memory: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor,
+               rows_per_image: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over given decoder inputs [N,L] (start token first, ``<pad>``-padded).
+
+        ``rows_per_image``: N = rows_per_image * B, row r uses image r % B (BTTR's [L2R; R2L] stacking); the
+        memory's keys/values are projected once per image. Returns (logits [N,L,V], hidden [N,L,d]).
+        """
+        memory, mask = self._flatten_memory(memory, mask)
+        length = inputs.shape[1]
+        x = self._embed(inputs)
+        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
+        self_mask = causal[None, None] & (inputs != self.pad_id)[:, None, None, :]
+        cross_mask = (~mask)[:, None, None, :].repeat(rows_per_image, 1, 1, 1)
+        cross_k, cross_v = self._cross_key_values(memory)
+        for layer, k, v in zip(self.layers, cross_k, cross_v):
+            k, v = k.repeat(rows_per_image, 1, 1, 1), v.repeat(rows_per_image, 1, 1, 1)
+            x, _, _ = layer(x, k, v, self_mask, cross_mask)
+        return self.proj(x), x
+
+    # --- teacher forcing ----------------------------------------------------------------------------------------
+    def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
+                tokens: Sequence[Sequence[int]]) -> DecoderOutput:
+        """BTTR's training pass: L2R and R2L rows of every sample in one 2B batch, sharing the image memory."""
+        device = memory.device
+        l2r_in, l2r_out = teacher_forcing_tensors(tokens, "l2r", self.sos_id, self.eos_id, self.pad_id, device)
+        r2l_in, r2l_out = teacher_forcing_tensors(tokens, "r2l", self.sos_id, self.eos_id, self.pad_id, device)
+        logits, hidden = self.decode(memory, memory_mask, torch.cat((l2r_in, r2l_in)), rows_per_image=2)
+        n = len(tokens)
+        return DecoderOutput(logits=logits, targets=torch.cat((l2r_out, r2l_out)), hidden=hidden,
+                             directions=["l2r"] * n + ["r2l"] * n)
+
+    def teacher_forced(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
+                       direction: str = "l2r") -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = teacher_forcing_tensors(tokens, direction, self.sos_id, self.eos_id, self.pad_id,
+                                                  memory.device)
+        logits, _ = self.decode(memory, memory_mask, inputs)
+        return logits, targets
+
+    # --- incremental decoding -----------------------------------------------------------------------------------
+    def init_state(self, memory: torch.Tensor, memory_mask: torch.Tensor, direction: str = "l2r") -> BTTRDecoderState:
+        direction_tokens(self.sos_id, self.eos_id, direction)  # validates the direction
+        memory, mask = self._flatten_memory(memory, memory_mask)
+        cross_k, cross_v = self._cross_key_values(memory)
+        n, device = memory.shape[0], memory.device
+        empty = [k.new_empty(n, self.nhead, 0, self.d_model // self.nhead) for k in cross_k]
+        return BTTRDecoderState(cross_k=cross_k, cross_v=cross_v, cross_mask=(~mask)[:, None, None, :],
+                                self_k=empty, self_v=list(empty),
+                                self_pad=torch.zeros(n, 0, dtype=torch.bool, device=device),
+                                position=0, direction=direction)
+
+    def step(self, state: BTTRDecoderState, last_tokens: torch.Tensor) -> tuple[torch.Tensor, BTTRDecoderState]:
+        """Logits [N,V] of the next token given the previous one [N]; attends to the cached prefix only."""
+        x = self._embed(last_tokens[:, None], offset=state.position)  # [N,1,d]
+        self_pad = torch.cat((state.self_pad, (last_tokens == self.pad_id)[:, None]), dim=1)
+        # the official key padding mask also hides <pad> inputs of a hypothesis (only if the model emits <pad>)
+        self_mask = (~self_pad)[:, None, None, :]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, state.cross_k[i], state.cross_v[i], self_mask, state.cross_mask,
+                            past_k=state.self_k[i], past_v=state.self_v[i])
+            new_k.append(k)
+            new_v.append(v)
+        state = replace(state, self_k=new_k, self_v=new_v, self_pad=self_pad, position=state.position + 1)
+        return self.proj(x[:, 0]), state
+
+    def reorder_state(self, state: BTTRDecoderState, index: torch.Tensor) -> BTTRDecoderState:
+        """Keep/duplicate rows: row i of the result is row ``index[i]`` of ``state`` (beam search bookkeeping)."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index)
+
+        return replace(state, cross_k=[pick(t) for t in state.cross_k], cross_v=[pick(t) for t in state.cross_v],
+                       cross_mask=pick(state.cross_mask), self_k=[pick(t) for t in state.self_k],
+                       self_v=[pick(t) for t in state.self_v], self_pad=pick(state.self_pad))
