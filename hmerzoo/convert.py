@@ -16,7 +16,6 @@ import copy
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +254,7 @@ def convert(name: str, official_path: str | os.PathLike, out_dir: str | os.PathL
     Returns ``out_dir``; ``hmerzoo.load_model(out_dir)`` loads the result.
     """
     from .builder import RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE, build_model, load_state_dict_checked
+    from .checkpoint import atomic_write_text, save_weights
     from .recipe import dump_recipe
 
     if name not in CONVERTERS:
@@ -281,41 +281,10 @@ def convert(name: str, official_path: str | os.PathLike, out_dir: str | os.PathL
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out / RECIPE_FILE, dump_recipe(converted.recipe))
+    atomic_write_text(out / RECIPE_FILE, dump_recipe(converted.recipe))
     converted.vocab.save(str(out / VOCAB_FILE))
-    _save_safetensors_atomic(state, out / WEIGHTS_FILE, {"converted_from": name, "source": official_path.name})
+    save_weights(out / WEIGHTS_FILE, state, {"converted_from": name, "source": official_path.name})
     return out
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _save_safetensors_atomic(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 __all__ = ["CONVERTERS", "Converted", "convert", "convert_bttr", "convert_state_dict_bttr", "bttr_model_section",
