@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import CheckpointError, RecipeError
+from .errors import CheckpointError, DataError, RecipeError
 from .model import HMERModel
 from .recipe import load_recipe, validate_recipe
 from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, Registry
@@ -45,8 +45,8 @@ def build_component(reg: Registry, node: dict, path: str, injected: dict[str, An
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise RecipeError(f"{path}: cannot build {node['type']}: {e}") from None
+    except (TypeError, ValueError) as e:  # constructors reject bad argument values with ValueError
+        raise RecipeError(f"{path}: cannot build {node['type']}: {e}; fix the arguments under {path}") from None
 
 
 def vocab_from_recipe(recipe: dict) -> Vocabulary:
@@ -57,9 +57,15 @@ def vocab_from_recipe(recipe: dict) -> Vocabulary:
         if root is None:
             raise RecipeError("vocab.dictionary: not set, and data.root is not set either; give the dictionary file "
                               "(vocab.dictionary=path/to/dictionary.txt) or the data root (data.root=DIR)")
-        dictionary = os.path.join(root, "dictionary.txt")
-    specials = vcfg.get("specials") or ["<pad>", "<sos>", "<eos>"]
-    return Vocabulary.from_dictionary(dictionary, specials)
+        if not os.path.exists(os.path.expanduser(str(root))):
+            raise DataError(f"data root '{root}' does not exist (the vocabulary is read from its dictionary.txt "
+                            "unless vocab.dictionary is set): set data.root=DIR to the folder with the <split>/ "
+                            "folders or <split>.zip files and dictionary.txt")
+        dictionary = os.path.join(os.path.expanduser(str(root)), "dictionary.txt")
+    specials = vcfg.get("specials")
+    if specials is None:  # an empty list is meaningful: the dictionary lists its special tokens itself (ABM)
+        specials = ["<pad>", "<sos>", "<eos>"]
+    return Vocabulary.from_dictionary(dictionary, specials, roles=vcfg.get("roles"))
 
 
 def build_model(recipe: str | os.PathLike | dict, overrides: Iterable[str] = (), vocab: Vocabulary | None = None,

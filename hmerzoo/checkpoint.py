@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import uuid
@@ -152,8 +153,31 @@ def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such trainer state file") from None
+    except pickle.UnpicklingError as e:
+        # Never retried with weights_only=False: unpickling arbitrary objects runs code from the file.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused to load it: the file holds pickled Python objects (it asks to import "
+                f"{refused.group(1)}), and unpickling them could run code from the file. hmerzoo writes trainer "
+                "states of tensors and plain values only, so this file was not written by hmerzoo (or was altered); "
+                "resume from a checkpoint hmerzoo wrote, or start a fresh run") from None
+        raise CheckpointError(f"{path}: cannot read the trainer state (damaged, or not a file hmerzoo wrote: "
+                              f"{_unpickler_reason(e)}); {DAMAGED_HINT}") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
+        # torch's own text (e.g. a file cut short) is one long paragraph; its first sentence says what is wrong
+        reason = str(e).strip().split(". ")[0]
+        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {reason}); "
+                              f"{DAMAGED_HINT}") from None
+
+
+DAMAGED_HINT = ("resume from another checkpoint (--resume checkpoints/step-XXXXXXXX.trainer.pt), or move this "
+                "step's two files away so --resume auto takes the previous one")
+
+
+def _unpickler_reason(error: Exception) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), flags=re.DOTALL)
+    return match.group(1).strip() if match else str(error).strip().splitlines()[0]
 
 
 def capture_rng_state() -> dict[str, Any]:

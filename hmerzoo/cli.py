@@ -1,11 +1,14 @@
-"""The ``hmerzoo`` command line: train, list, config, convert.
+"""The ``hmerzoo`` command line: train, eval, predict, list, config, convert.
 
-Every error hmerzoo raises on purpose prints as one message and exits with status 2; ``--debug`` shows the
-traceback instead.
+Every error hmerzoo raises on purpose (a :class:`HmerzooError`), and an operating-system error on a file, prints as
+one message and exits with status 2; ``--debug`` shows the traceback instead. Any other exception is a bug: it
+prints its traceback and exits with status 1 (docs/errors.md). ``predict`` exits with 1 when some images could not
+be read (the others are still printed).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -45,6 +48,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe.setdefault("imports", [])
     recipe["imports"] = list(dict.fromkeys(list(recipe["imports"] or []) + list(args.imports or [])))
     validate_recipe(recipe, args.recipe)
+    if args.nproc_per_node is not None:
+        from .distributed import ENV_RELAUNCHED, relaunch_with_torchrun
+
+        if not os.environ.get(ENV_RELAUNCHED):  # the relaunched processes themselves just train
+            # The same command line without the flag, in N processes started by torch.distributed.run.
+            argv = args.argv if args.argv is not None else sys.argv[1:]
+            return relaunch_with_torchrun(args.nproc_per_node, argv)
     train(recipe, resume=args.resume)
     return 0
 
@@ -105,6 +115,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    _import(args.imports)
+    run_eval(args.model, args.data, args.split, beam_size=args.beam, out_dir=args.out, limit=args.limit,
+             batching=args.batching, batch_size=args.batch_size, mode=args.mode, max_len=args.max_len,
+             device=args.device)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
+    _import(args.imports)
+    return run_predict(args.model, args.images, directory=args.dir, beam_size=args.beam, as_json=args.json,
+                       device=args.device, mode=args.mode, max_len=args.max_len)
+
+
 # --- parser ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hmerzoo", description="Handwritten Mathematical Expression Recognition zoo")
@@ -120,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.path=value overrides (value parsed as YAML)")
     t.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': continue from the run directory's latest checkpoint; or a checkpoint path")
+    t.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc_per_node", default=None, metavar="N",
+                   help="train in N processes on this machine (one per GPU; gloo on CPU) with DDP: relaunches "
+                        "this command through torch.distributed.run (torchrun); for several machines run "
+                        "'torchrun ... -m hmerzoo train ...' yourself")
     add_import(t)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, argv=None)
 
     ls = sub.add_parser("list", help="list registered components and shipped recipes")
     ls.add_argument("kind", nargs="?", choices=LIST_KINDS)
@@ -135,6 +167,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_import(c)
     c.set_defaults(func=cmd_config)
 
+    def add_decode(sp):
+        sp.add_argument("--beam", type=int, default=None, metavar="N",
+                        help="beam size (default: the model recipe's decode.beam_size; 1 = greedy)")
+        sp.add_argument("--max-len", type=int, default=None, metavar="N",
+                        help="longest LaTeX token sequence produced (default: the recipe's decode.max_len)")
+        sp.add_argument("--mode", default=None,
+                        help="search mode, e.g. l2r, r2l, bttr, comer (default: the recipe's decode.mode)")
+        sp.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                        help="where the model runs (default: auto = CUDA when available)")
+        add_import(sp)
+
+    ev = sub.add_parser("eval", help="ExpRate, <=1, <=2, <=3 of a model on CROHME test splits")
+    ev.add_argument("model", help="run directory or converted model directory")
+    ev.add_argument("--data", required=True, metavar="ROOT",
+                    help="data root: <split>/ folders or <split>.zip files (the BTTR/CoMER layout)")
+    ev.add_argument("--split", nargs="+", default=["2014", "2016", "2019"], metavar="SPLIT",
+                    help="splits to evaluate (default: 2014 2016 2019)")
+    ev.add_argument("--out", default=None, metavar="DIR",
+                    help="where predictions.jsonl and summary.json go (default: MODEL/eval, or ./eval)")
+    ev.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="evaluate a seeded subset of N samples per split (quick checks)")
+    ev.add_argument("--batching", choices=["per_image", "padded"], default=None,
+                    help="per_image: each image decoded alone (results independent of batching); padded: "
+                         "images padded into batches like the official CoMER evaluation (default: the recipe's)")
+    ev.add_argument("--batch-size", type=int, default=None, metavar="N",
+                    help="images handed to the decoder at a time (default: the recipe's decode.batch_size)")
+    add_decode(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="LaTeX for image files (black-on-white photos and odd sizes are handled)")
+    pr.add_argument("model", help="run directory or converted model directory")
+    pr.add_argument("images", nargs="*", metavar="IMAGE", help="image files (png, jpg, bmp, tif)")
+    pr.add_argument("--dir", default=None, metavar="DIR", help="also every image file in DIR, sorted by name")
+    pr.add_argument("--json", action="store_true",
+                    help="one JSON object per line: image, latex, tokens, score (or image, error)")
+    add_decode(pr)
+    pr.set_defaults(func=cmd_predict)
+
     cv = sub.add_parser("convert", help="convert an official checkpoint into a hmerzoo model directory")
     cv.add_argument("model", help="which official implementation the checkpoint comes from (e.g. bttr)")
     cv.add_argument("official", help="official checkpoint (.ckpt / .pkl / .safetensors with the official keys)")
@@ -147,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # train --nproc-per-node relaunches this command line
     try:
         return int(args.func(args) or 0)
     except HmerzooError as e:
@@ -159,6 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # The operating system refused a file (missing, not permitted, disk full): the message names it and why.
+        if args.debug:
+            raise
+        from rich.markup import escape
+
+        what = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e)
+        _console().print(f"[bold red]error:[/] {escape(what)} (--debug shows where)", soft_wrap=True)
+        return 2
+    except Exception as e:
+        # Anything else is a bug (in hmerzoo or in a component it ran): the traceback is what a report needs.
+        if args.debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: this is a bug in hmerzoo or in a component it ran, not a "
+              "problem with your input; please report it with the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

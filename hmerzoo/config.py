@@ -18,6 +18,9 @@ from .errors import did_you_mean
 class VocabConfig:
     dictionary: str | None = None  # one token per line; default: <data.root>/dictionary.txt
     specials: list[str] = dataclasses.field(default_factory=lambda: ["<pad>", "<sos>", "<eos>"])  # ids 0, 1, ...
+    # which tokens play the roles pad / sos / eos (default <pad>, <sos>, <eos>; a missing pad token means no
+    # padding token, as in ABM); e.g. {sos: sos, eos: eos} for ABM's own dictionary, which lists them itself
+    roles: dict[str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -58,7 +61,31 @@ class TrainConfig:
     output_dir: str = "runs"  # run directory = <output_dir>/<name>, unless run_dir is set
     run_dir: str | None = None
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
+    # torch's deterministic algorithms (and cuDNN's deterministic mode) for the run; restored afterwards
     deterministic: bool = False
+    # gradient accumulation: buckets per optimizer step, each bucket's loss scaled by 1/N (the last group of an epoch
+    # may be shorter: 1/k for its k buckets). Steps (max_steps, ckpt_every, log_every), schedulers and checkpoints
+    # count optimizer steps; checkpoints fall on optimizer-step boundaries only
+    accumulate: int = 1
+    # EMA of the weights (torch.optim.swa_utils.AveragedModel; null = off): ema = decay * ema + (1 - decay) * weights
+    # after every ema_every-th optimizer step from step ema_start on (the first update copies the weights). Float
+    # buffers (BatchNorm statistics) are averaged too. Once it has started, the EMA model is the one validated
+    # (val/*, best, schedulers) and saved in every .safetensors file (so load_model gets it); the raw weights
+    # travel in the trainer state for resuming
+    ema_decay: float | None = None
+    ema_every: int = 1  # optimizer steps between EMA updates
+    ema_start: int = 0  # optimizer steps before the first EMA update (the raw model stands in until then)
+    ema_val_raw: bool = False  # also validate the raw weights (logged as val_raw/*; doubles validation time)
+    # torch.compile the encoder, the neck and the decoder's submodules (its layers) for the training forward, with
+    # dynamic shapes; validation and decoding run eagerly. Compiling takes seconds to minutes per new shape class
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for quick checks)
+    # several processes (torchrun / --nproc-per-node): DDP's find_unused_parameters, for models whose training
+    # forward leaves some trainable parameters out (costs a graph walk each step)
+    find_unused_parameters: bool = False
+    # a non-finite loss (or gradient norm): error = stop with a message naming the step and samples; skip = leave
+    # the weights unchanged for that batch, count it (metrics.jsonl "nonfinite_skipped", and the end of the run)
+    nonfinite: str = "error"
 
 
 @dataclasses.dataclass
@@ -66,7 +93,13 @@ class DecodeConfig:
     beam_size: int = 10
     max_len: int = 200
     alpha: float = 1.0  # length normalisation: score / len ** alpha
-    mode: str = "l2r"  # search mode; bidirectional modes arrive with the beam search
+    # l2r | r2l: one direction; bttr: L2R and R2L beams, each hypothesis rescored by the other direction (BTTR);
+    # comer: both directions in one batch, own + reverse score (CoMER); abm: ABM's L2R search (cost / length)
+    mode: str = "l2r"
+    # per_image: every image decoded alone and unpadded, so its result never depends on the other images;
+    # padded: images padded into batches as the official CoMER evaluation did (faster; results depend on padding)
+    batching: str = "per_image"
+    batch_size: int = 8  # images decoded together (eval / predict)
 
 
 SECTIONS = {"vocab": VocabConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}

@@ -239,9 +239,277 @@ def convert_bttr(official_state: dict[str, torch.Tensor], dictionary: Path, hpar
     return Converted(recipe=recipe, vocab=vocab, state=state)
 
 
-# name -> converter. CoMER, HMER-MTL and ABM are added here the same way.
+# ---------------------------------------------------------------------------------------------------------------
+# CoMER (Green-Wood/CoMER, LitCoMER checkpoints) and HMER-MTL (trungtndev/HMER-MTL, LitMTL checkpoints): both keep
+# the inner model in the attribute 'comer_model', so keys are 'comer_model.encoder.*', 'comer_model.decoder.*'.
+COMER_PREFIXES = [
+    ("encoder.model.", "encoder."),
+    ("encoder.feature_proj.", "neck.feature_proj."),
+    ("encoder.norm.", "neck.norm."),
+    ("decoder.word_embed.0.", "decoder.word_embed."),
+    ("decoder.word_embed.1.", "decoder.embed_norm."),
+    ("decoder.pos_enc.", "decoder.pos_enc."),
+    ("decoder.norm.", "decoder.input_norm."),
+    ("decoder.model.layers.", "decoder.layers."),
+    ("decoder.model.arm.conv.", "decoder.arm.conv."),
+    ("decoder.model.arm.proj.", "decoder.arm.proj."),
+    ("decoder.model.arm.post_norm.bn.", "decoder.arm.norm.bn."),
+    ("decoder.model.arm.cbam.channel_attention.excitation.0.", "decoder.arm.cbam.channel_attention.reduce."),
+    ("decoder.model.arm.cbam.channel_attention.excitation.2.", "decoder.arm.cbam.channel_attention.expand."),
+    ("decoder.model.arm.cbam.spatial_attention.", "decoder.arm.cbam.spatial_attention."),
+    ("decoder.proj.", "decoder.proj."),
+]
+# HMER-MTL's second output layer (the implicit/skeleton head) becomes the structure_skeleton head 'skeleton'
+HMER_MTL_PREFIXES = [("decoder.proj_imp.", "heads.skeleton.linear.")] + COMER_PREFIXES
+
+COMER_OPTIM = {"type": "sgd", "lr": 0.08, "momentum": 0.9, "weight_decay": 1.0e-4}
+COMER_SPECIALS = ["<pad>", "<sos>", "<eos>"]
+HMER_MTL_SPECIALS = ["<pad>", "<sos>", "<eos>", "<space>"]  # mtl/datamodule/vocab.py: <space> = 3
+
+
+def _strip_comer_prefix(official_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return strip_prefix(official_state, "comer_model.", ("encoder.", "decoder."))
+
+
+def convert_state_dict_comer(official_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official CoMER state dict (with or without the ``comer_model.`` prefix) -> hmerzoo state dict."""
+    return rename_keys(_strip_comer_prefix(official_state), COMER_PREFIXES, "CoMER")
+
+
+def convert_state_dict_hmer_mtl(official_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official HMER-MTL state dict -> hmerzoo state dict (``proj_imp`` -> ``heads.skeleton.linear``)."""
+    state = _strip_comer_prefix(official_state)
+    _require(state, "decoder.proj_imp.weight", "HMER-MTL")
+    return rename_keys(state, HMER_MTL_PREFIXES, "HMER-MTL")
+
+
+def comer_model_section(official_state: dict[str, torch.Tensor], hparams: dict | None = None,
+                        model: str = "CoMER") -> dict:
+    """hmerzoo ``model:`` section of a CoMER-family checkpoint, read off the tensor shapes; dropout (and the
+    coverage switches, when the shapes cannot tell them apart) from the hyper-parameters, else the official
+    config's values."""
+    hparams = hparams or {}
+    state = _strip_comer_prefix(official_state)
+    stem = _require(state, "encoder.model.conv1.weight", model)
+    d_model = int(_require(state, "encoder.feature_proj.weight", model).shape[0])
+    num_layers = _count_indexed(state, "encoder.model.dense1.")
+    decoder_layers = _count_indexed(state, "decoder.model.layers.")
+    if not num_layers or not decoder_layers:
+        raise CheckpointError(f"the checkpoint has no dense-block or decoder layers; it is not a {model} checkpoint")
+    trans1 = _require(state, "encoder.model.trans1.conv1.weight", model)
+    reduction = float(trans1.shape[0]) / float(trans1.shape[1])
+    decoder: dict = {"type": "comer", "d_model": d_model, "nhead": int(hparams.get("nhead", 8)),
+                     "num_layers": decoder_layers,
+                     "dim_feedforward": int(_require(state, "decoder.model.layers.0.linear1.weight", model).shape[0]),
+                     "dropout": float(hparams.get("dropout", 0.3))}
+    if "decoder.model.arm.conv.weight" in state:
+        arm_conv = state["decoder.model.arm.conv.weight"]
+        nhead = int(_require(state, "decoder.model.arm.proj.weight", model).shape[0])  # one output map per head
+        decoder["nhead"] = nhead
+        decoder["dc"] = int(arm_conv.shape[0])
+        if int(arm_conv.shape[1]) == 2 * nhead:
+            cross, own = True, True
+        elif "cross_coverage" in hparams and "self_coverage" in hparams:
+            cross, own = bool(hparams["cross_coverage"]), bool(hparams["self_coverage"])
+            if cross == own:
+                raise CheckpointError(f"the checkpoint's ARM takes {arm_conv.shape[1]} channels (one coverage), but "
+                                      f"its hyper-parameters say cross_coverage={cross}, self_coverage={own}")
+        else:
+            raise CheckpointError("the checkpoint's ARM uses one kind of coverage, and nothing says which (its "
+                                  "hyper-parameters have no cross_coverage/self_coverage); convert a Lightning "
+                                  "checkpoint that has them")
+        decoder["cross_coverage"], decoder["self_coverage"] = cross, own
+        if "decoder.model.arm.cbam.spatial_attention.conv.weight" in state:
+            reduce = _require(state, "decoder.model.arm.cbam.channel_attention.excitation.0.weight", model)
+            decoder["cbam"] = True
+            decoder["cbam_ratio"] = int(reduce.shape[1]) // int(reduce.shape[0])
+            decoder["cbam_kernel"] = int(state["decoder.model.arm.cbam.spatial_attention.conv.weight"].shape[-1])
+            decoder["cbam_mask_aware"] = False  # the official pooling (padding included); true is our option
+    else:
+        decoder["cross_coverage"], decoder["self_coverage"] = False, False
+    decoder["max_positions"] = int(_require(state, "decoder.pos_enc.pe", model).shape[0])
+    return {
+        "encoder": {"type": "densenet", "growth_rate": int(stem.shape[0]) // 2, "num_layers": num_layers,
+                    "reduction": 0.5 if abs(reduction - 0.5) < 0.01 else round(reduction, 4), "dropout": 0.2,
+                    "stem_norm": "encoder.model.norm1.weight" in state,
+                    "post_norm": "encoder.model.post_norm.weight" in state},
+        "neck": {"type": "comer_projection", "d_model": d_model},
+        "decoder": decoder,
+    }
+
+
+def convert_comer(official_state: dict[str, torch.Tensor], dictionary: Path, hparams: dict | None = None) -> Converted:
+    # CoMER's vocabulary: <pad>=0, <sos>=1, <eos>=2, then dictionary.txt in file order (comer/datamodule/vocab.py)
+    vocab = Vocabulary.from_dictionary(str(dictionary), COMER_SPECIALS)
+    state = convert_state_dict_comer(official_state)
+    check_vocab_size(vocab, int(_require(state, "decoder.proj.weight", "CoMER").shape[0]), dictionary, "CoMER")
+    recipe = complete_recipe("comer", comer_model_section(official_state, hparams),
+                             fallback={"name": "comer", "vocab": {"specials": list(COMER_SPECIALS)},
+                                       "optim": dict(COMER_OPTIM)})
+    return Converted(recipe=recipe, vocab=vocab, state=state)
+
+
+def convert_hmer_mtl(official_state: dict[str, torch.Tensor], dictionary: Path,
+                     hparams: dict | None = None) -> Converted:
+    # HMER-MTL's vocabulary adds <space>=3 (mtl/datamodule/vocab.py), so every dictionary id is CoMER's + 1
+    hparams = hparams or {}
+    vocab = Vocabulary.from_dictionary(str(dictionary), HMER_MTL_SPECIALS)
+    state = convert_state_dict_hmer_mtl(official_state)
+    check_vocab_size(vocab, int(_require(state, "decoder.proj.weight", "HMER-MTL").shape[0]), dictionary, "HMER-MTL")
+    model_section = comer_model_section(official_state, hparams, model="HMER-MTL")
+    # lambda_1 weighs the main cross-entropy, lambda_2 the skeleton head (official config: 1 and 1)
+    model_section["heads"] = {"skeleton": {"type": "structure_skeleton",
+                                           "weight": float(hparams.get("lambda_2", 1.0))}}
+    loss = {"type": "cross_entropy", "weight": float(hparams.get("lambda_1", 1.0))}
+    recipe = complete_recipe("hmer_mtl", model_section,
+                             fallback={"name": "hmer_mtl", "vocab": {"specials": list(HMER_MTL_SPECIALS)},
+                                       "loss": loss, "optim": dict(COMER_OPTIM)})
+    recipe["loss"] = loss
+    return Converted(recipe=recipe, vocab=vocab, state=state)
+
+
+# ABM (XH-B/ABM, ``torch.save(model.state_dict())`` of ``Encoder_Decoder``: keys 'encoder1.*' and, per decoder
+# branch, 'init_GRU_model', 'emb_model', 'gru_model', 'gru_prob_model' (L2R) and the same with '2' (R2L))
+ABM_BRANCHES = (("l2r", ""), ("r2l", "2"))
+# official key (without the branch suffix) -> hmerzoo key under decoder.<direction>.
+ABM_RENAMES = {
+    "init_GRU_model.fc.": "init_proj.",
+    "emb_model.embedding.": "embedding.",
+    "gru_model.conv_Ua.": "attention.key_proj.",
+    "gru_model.fc_Wa.": "attention.query_proj.",
+    "gru_model.conv_Q.": "attention.coverage_convs.0.",
+    "gru_model.fc_Uf.": "attention.coverage_projs.0.",
+    "gru_model.conv_Q2.": "attention.coverage_convs.1.",
+    "gru_model.fc_Uf2.": "attention.coverage_projs.1.",
+    "gru_model.fc_va.": "attention.energy.",
+    "gru_prob_model.fc_Wct.": "output.context_proj.",
+    "gru_prob_model.fc_Wht.": "output.hidden_proj.",
+    "gru_prob_model.fc_Wyt.": "output.embedding_proj.",
+    "gru_prob_model.fc_W0.": "output.classifier.",
+}
+# hmerzoo packs each GRU's three gate layers (update z, reset r, candidate h) into one linear
+ABM_PACKED = {
+    "gru1_input": ("gru_model.fc_Wyz", "gru_model.fc_Wyr", "gru_model.fc_Wyh"),
+    "gru1_hidden": ("gru_model.fc_Uhz", "gru_model.fc_Uhr", "gru_model.fc_Uhh"),
+    "gru2_input": ("gru_model.fc_Wcz", "gru_model.fc_Wcr", "gru_model.fc_Wch"),
+    "gru2_hidden": ("gru_model.fc_Uhz2", "gru_model.fc_Uhr2", "gru_model.fc_Uhh2"),
+}
+ABM_ROLES = {"sos": "sos", "eos": "eos"}  # ABM's dictionary.txt lists 'sos 0' and 'eos 1' itself; no padding token
+ABM_OPTIM = {"type": "adadelta", "lr": 1.0, "eps": 1.0e-6, "weight_decay": 1.0e-4}
+# train.py's mutual distillation between the branches: T = 4, beta = 0.5 (constants; no checkpoint records them)
+ABM_DISTILLATION = {"type": "mutual_distillation", "weight": 0.5, "temperature": 4.0, "pairing": "official"}
+
+
+def _abm_branch_key(official: str, suffix: str) -> str:
+    """'gru_model.fc_Wa.weight' -> the branch's key ('gru_model2.fc_Wa.weight' for suffix '2')."""
+    module, rest = official.split(".", 1)
+    return f"{module}{suffix}.{rest}"
+
+
+def _abm_directions(state: dict[str, torch.Tensor]) -> list[str]:
+    directions = [d for d, suffix in ABM_BRANCHES if _abm_branch_key("init_GRU_model.fc.weight", suffix) in state]
+    if not directions:
+        raise CheckpointError("the checkpoint has no decoder branch ('init_GRU_model.fc.weight' or "
+                              "'init_GRU_model2.fc.weight'); it is not an official ABM checkpoint")
+    return directions
+
+
+def _strip_abm_prefix(official_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # nn.DataParallel's 'module.' when a multi-GPU model was saved without '.module' (train.py saves model.module)
+    return strip_prefix(official_state, "module.", ("encoder1.",))
+
+
+def convert_state_dict_abm(official_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official ABM state dict -> hmerzoo state dict (same tensors; each GRU's gate layers concatenated)."""
+    state = _strip_abm_prefix(official_state)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, value in state.items():
+        if key.startswith("encoder1."):
+            out["encoder." + key[len("encoder1."):]] = value
+            used.add(key)
+    for direction, suffix in ABM_BRANCHES:
+        if direction not in _abm_directions(state):
+            continue
+        for old, new in ABM_RENAMES.items():
+            prefix = _abm_branch_key(old, suffix)
+            for key, value in state.items():
+                if key.startswith(prefix):
+                    out[f"decoder.{direction}.{new}{key[len(prefix):]}"] = value
+                    used.add(key)
+        for new, gates in ABM_PACKED.items():
+            for kind in ("weight", "bias"):
+                keys = [_abm_branch_key(f"{g}.{kind}", suffix) for g in gates]
+                present = [k in state for k in keys]
+                if not any(present):
+                    continue
+                if not all(present):
+                    missing = keys[present.index(False)]
+                    raise CheckpointError(f"the checkpoint has no '{missing}'; it is not an official ABM checkpoint")
+                out[f"decoder.{direction}.{new}.{kind}"] = torch.cat([state[k] for k in keys], dim=0)
+                used.update(keys)
+    unknown = [k for k in state if k not in used]
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} keys of the checkpoint are not part of an official ABM model "
+                              f"(e.g. {', '.join(unknown[:3])}); is this an ABM checkpoint?")
+    return out
+
+
+def abm_model_section(official_state: dict[str, torch.Tensor]) -> dict:
+    """hmerzoo ``model:`` section of an ABM checkpoint, sizes read off the tensors (dropout: the official 0.2)."""
+    state = _strip_abm_prefix(official_state)
+    stem = _require(state, "encoder1.conv1.weight", "ABM")
+    num_layers = _count_indexed(state, "encoder1.dense1.")
+    if not num_layers:
+        raise CheckpointError("the checkpoint has no dense-block layers; it is not an ABM checkpoint")
+    trans1 = _require(state, "encoder1.trans1.conv1.weight", "ABM")
+    reduction = float(trans1.shape[0]) / float(trans1.shape[1])
+    directions = _abm_directions(state)
+    suffix = dict(ABM_BRANCHES)[directions[0]]
+
+    def branch(key: str) -> torch.Tensor:
+        return _require(state, _abm_branch_key(key, suffix), "ABM")
+
+    kernels = [int(branch(f"gru_model.{conv}.weight").shape[-1]) for conv in ("conv_Q", "conv_Q2")]
+    heads = {"distill": dict(ABM_DISTILLATION)} if len(directions) == 2 else {}
+    return {
+        "encoder": {"type": "densenet", "growth_rate": int(stem.shape[0]) // 2, "num_layers": num_layers,
+                    "reduction": 0.5 if abs(reduction - 0.5) < 0.01 else round(reduction, 4), "dropout": 0.2,
+                    "stem_norm": "encoder1.norm1.weight" in state, "post_norm": "encoder1.post_norm.weight" in state},
+        "decoder": {"type": "abm", "hidden_size": int(branch("init_GRU_model.fc.weight").shape[0]),
+                    "embed_dim": int(branch("emb_model.embedding.weight").shape[1]),
+                    "attention_dim": int(branch("gru_model.conv_Ua.weight").shape[0]),
+                    "coverage_channels": int(branch("gru_model.conv_Q.weight").shape[0]),
+                    "coverage_kernels": kernels, "dropout": 0.2, "directions": directions},
+        "heads": heads,
+    }
+
+
+def convert_abm(official_state: dict[str, torch.Tensor], dictionary: Path, hparams: dict | None = None) -> Converted:
+    # ABM's vocabulary is its dictionary.txt as it is: 'token<TAB>id' lines, sos=0, eos=1, no padding token
+    try:
+        vocab = Vocabulary.from_dictionary(str(dictionary), [], roles=dict(ABM_ROLES))
+    except HmerzooError as e:
+        raise CheckpointError(f"dictionary {dictionary}: not an ABM dictionary ({e}); pass the dictionary.txt of the "
+                              "official ABM repository ('token id' per line, with 'sos 0' and 'eos 1')") from None
+    state = convert_state_dict_abm(official_state)
+    direction = _abm_directions(_strip_abm_prefix(official_state))[0]
+    check_vocab_size(vocab, int(_require(state, f"decoder.{direction}.output.classifier.weight", "ABM").shape[0]),
+                     dictionary, "ABM")
+    vocab_section = {"specials": [], "roles": dict(ABM_ROLES)}  # how this model's vocabulary is read
+    recipe = complete_recipe("abm", abm_model_section(official_state),
+                             fallback={"name": "abm", "vocab": vocab_section,
+                                       "loss": {"type": "sequence_cross_entropy"}, "optim": dict(ABM_OPTIM)})
+    recipe["vocab"] = {**(recipe.get("vocab") or {}), **vocab_section}
+    return Converted(recipe=recipe, vocab=vocab, state=state)
+
+
+# name -> converter. Other models are added here the same way.
 CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor], Path, dict], Converted]] = {
     "bttr": convert_bttr,
+    "comer": convert_comer,
+    "hmer_mtl": convert_hmer_mtl,
+    "abm": convert_abm,
 }
 
 
@@ -288,4 +556,6 @@ def convert(name: str, official_path: str | os.PathLike, out_dir: str | os.PathL
 
 
 __all__ = ["CONVERTERS", "Converted", "convert", "convert_bttr", "convert_state_dict_bttr", "bttr_model_section",
-           "read_official_checkpoint"]
+           "convert_comer", "convert_hmer_mtl", "convert_state_dict_comer", "convert_state_dict_hmer_mtl",
+           "comer_model_section", "read_official_checkpoint", "convert_abm", "convert_state_dict_abm",
+           "abm_model_section"]

@@ -12,6 +12,25 @@ from typing import Iterable
 class HmerzooError(Exception):
     """Base class of all errors with a user-facing message."""
 
+    def __init__(self, *args: object):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_unwrap_worker_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _unwrap_worker_message(text: str, cls: type) -> str:
+    """The original message of an error re-raised by a DataLoader worker (or pin-memory thread).
+
+    PyTorch re-raises a worker's exception as ``cls("Caught X in DataLoader worker process N.\nOriginal Traceback
+    ...")``, the worker's whole traceback in the message; the message ends with the traceback's last line
+    ``module.X: original message``, which is what the user needs.
+    """
+    if not text.startswith("Caught ") or "\nOriginal Traceback (most recent call last):" not in text:
+        return text
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+    start = text.rfind(f"\n{name}: ")
+    return text[start + len(name) + 3:].rstrip("\n") if start >= 0 else text
+
 
 class RecipeError(HmerzooError):
     """A recipe (or an override) is wrong. ``problems`` holds every problem found, one line each."""

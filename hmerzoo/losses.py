@@ -26,3 +26,30 @@ class CrossEntropy(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), output.targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
         return self.weight * loss
+
+
+@LOSSES.register("sequence_cross_entropy")
+class SequenceCrossEntropy(nn.Module):
+    """Cross-entropy averaged per sequence, then over the batch, summed over the directions - ABM's objective
+    (official train.py: ``(loss * y_mask).sum(0) / y_mask.sum(0)``, ``.mean()``, ``loss = CE_L2R + CE_R2L``).
+
+    Each row of the decoder output is one sequence; rows are grouped by ``output.directions`` (one group when the
+    decoder names none), so every sample weighs the same whatever its length, and each direction counts once.
+    """
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, output: DecoderOutput, batch: Batch) -> torch.Tensor:
+        logits, targets = output.logits, output.targets
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+        lengths = (targets != IGNORE_INDEX).sum(1).clamp_min(1)  # every row has its stop token; clamp is a guard
+        per_sequence = token_loss.sum(1) / lengths
+        directions = output.directions or ["all"] * targets.shape[0]
+        total = per_sequence.new_zeros(())
+        for direction in dict.fromkeys(directions):
+            rows = torch.tensor([d == direction for d in directions], device=per_sequence.device)
+            total = total + per_sequence[rows].mean()
+        return self.weight * total

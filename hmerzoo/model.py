@@ -76,6 +76,22 @@ def teacher_forcing_tensors(tokens: Sequence[Sequence[int]], direction: str, sos
     return inp.to(device), out.to(device)
 
 
+@dataclass
+class Recognition:
+    """One image's recognition.
+
+    latex: space-separated tokens; tokens: their ids (reading order, no start/stop tokens); score: the decoding
+    mode's ranking score of the chosen hypothesis (``score / len**alpha``, the official final choice);
+    hypotheses: every hypothesis the mode ranked (``hmerzoo.decoding.Hypothesis``; BTTR: the L2R beam's, then the
+    R2L beam's, each with its search score and its rescored score).
+    """
+
+    latex: str
+    tokens: list[int]
+    score: float
+    hypotheses: list[Any] = field(default_factory=list)
+
+
 class HMERModel(nn.Module):
     """Vocabulary + encoder (+ neck) + decoder + main loss + auxiliary heads."""
 
@@ -160,6 +176,34 @@ class HMERModel(nn.Module):
         finally:
             self.train(was_training)
         return torch.stack(scores).float().cpu()
+
+    @torch.no_grad()
+    def recognize(self, images: Sequence[Any] | Any, beam_size: int | None = None, max_len: int | None = None,
+                  alpha: float | None = None, mode: str | None = None, batching: str | None = None,
+                  batch_size: int | None = None) -> list[Recognition]:
+        """Beam-search LaTeX for each image, in order.
+
+        ``images``: one or a list of PIL images, numpy arrays, paths or [1,h,w] tensors (white ink on black;
+        user photos are normalised when the data package offers ``prepare_image``). Every other argument defaults
+        to the recipe's ``decode:`` section, then to :class:`hmerzoo.config.DecodeConfig`: ``mode`` l2r | r2l |
+        bttr; ``batching`` per_image (each image's result independent of the others) | padded (batches of
+        ``batch_size`` padded together, as the official CoMER evaluation). See :mod:`hmerzoo.decoding`.
+        """
+        from .decoding.recognize import decode_config, image_tensors, recognize_tensors
+
+        config = decode_config(self.recipe, beam_size=beam_size, max_len=max_len, alpha=alpha, mode=mode,
+                               batching=batching, batch_size=batch_size)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        tensors = image_tensors(images, self.recipe)
+        was_training = self.training
+        self.eval()
+        try:
+            results = recognize_tensors(self, tensors, config)
+        finally:
+            self.train(was_training)
+        return [Recognition(latex=self.vocab.to_latex(r.best.tokens), tokens=list(r.best.tokens),
+                            score=r.best_score, hypotheses=r.hypotheses) for r in results]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -70,14 +70,22 @@ class Plateau(Scheduler):
     ``patience`` counts validations, not epochs: BTTR/CoMER validate every 2 epochs with Lightning's
     patience 20 // 2 = 10. ``monitor`` names the validation metric (``val/exprate``, ``val/loss``, ...);
     ``mode`` is ``max`` for rates and ``min`` for losses.
+
+    ``max_reductions``: after that many reductions, the next plateau does not reduce the rate but sets
+    ``should_stop``, which the trainer honours by ending the run (ABM: halve up to 10 times, then early stop).
     """
 
     interval = "validation"
 
     def __init__(self, optimizer: torch.optim.Optimizer, monitor: str = "val/exprate", mode: str = "max",
                  factor: float = 0.1, patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
-                 cooldown: int = 0, min_lr: float = 0.0, eps: float = 1e-8):
+                 cooldown: int = 0, min_lr: float = 0.0, eps: float = 1e-8, max_reductions: int | None = None):
         super().__init__(optimizer)
+        if max_reductions is not None and max_reductions < 0:
+            raise HmerzooError(f"sched.max_reductions: must be >= 0 or null, got {max_reductions}")
+        self.max_reductions = max_reductions
+        self.num_reductions = 0
+        self.should_stop = False
         if mode not in ("max", "min"):
             raise HmerzooError(f"sched.mode: expected 'max' or 'min', got {mode!r}")
         if threshold_mode not in ("rel", "abs"):
@@ -94,17 +102,27 @@ class Plateau(Scheduler):
             known = ", ".join(sorted(metrics or {})) or "(none)"
             raise HmerzooError(f"sched.monitor: the plateau scheduler watches '{self.monitor}', which validation "
                                f"did not report; reported metrics: {known}")
+        before = self.lrs
         self.inner.step(float(metrics[self.monitor]))
+        if any(after < lr for after, lr in zip(self.lrs, before)):
+            if self.max_reductions is not None and self.num_reductions >= self.max_reductions:
+                self._set_lrs(before)  # the plateau after the last allowed reduction ends the run instead
+                self.should_stop = True
+            else:
+                self.num_reductions += 1
 
     @property
     def num_bad_validations(self) -> int:
         return int(self.inner.num_bad_epochs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor, "inner": self.inner.state_dict()}
+        return {"monitor": self.monitor, "inner": self.inner.state_dict(), "num_reductions": self.num_reductions,
+                "should_stop": self.should_stop}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.inner.load_state_dict(dict(state["inner"]))
+        self.num_reductions = int(state.get("num_reductions", 0))
+        self.should_stop = bool(state.get("should_stop", False))
 
 
 @SCHEDULERS.register("cosine")

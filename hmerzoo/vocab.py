@@ -1,4 +1,9 @@
-"""Token vocabulary: special tokens first, then a dictionary file's tokens in file order."""
+"""Token vocabulary: special tokens first, then a dictionary file's tokens in file order.
+
+Two dictionary formats are read: one token per line (BTTR/CoMER), or ``token<whitespace>id`` per line (the WAP
+family: ABM, CAN), whose ids give the order and may already include the start/stop tokens (ABM: ``sos`` 0,
+``eos`` 1, no padding token; such a vocabulary uses ``specials: []`` and ``roles`` naming those tokens).
+"""
 from __future__ import annotations
 
 import json
@@ -58,22 +63,29 @@ class Vocabulary:
     @classmethod
     def from_dictionary(cls, path: str, specials: Iterable[str] = DEFAULT_SPECIALS,
                         roles: dict[str, str] | None = None) -> "Vocabulary":
-        """``specials`` (ids 0, 1, ...) followed by the file's tokens, one per line, in file order."""
+        """``specials`` (ids 0, 1, ...) followed by the file's tokens: in file order (one token per line), or in
+        id order when every line is ``token id`` (the WAP/ABM/CAN format; the ids must be 0..N-1)."""
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except OSError as e:
             raise DataError(f"dictionary {path}: cannot read it ({e.strerror}); set vocab.dictionary to a file "
                             "with one token per line") from None
+        # (line number, fields) of the non-blank lines; blank ones are tolerated (a trailing newline, mostly)
+        entries = [(lineno, line.split()) for lineno, line in enumerate(lines, 1) if line.strip()]
+        if entries and all(len(f) == 2 and _is_int(f[1]) for _, f in entries):
+            file_tokens = _tokens_by_id(path, entries)
+        else:
+            file_tokens = []
+            for lineno, fields in entries:
+                if len(fields) != 1:
+                    raise DataError(f"{path}:{lineno}: expected one token per line (or 'token id' on every line), "
+                                    f"got '{lines[lineno - 1]}'")
+                file_tokens.append(fields[0])
         tokens = list(specials)
-        for lineno, line in enumerate(lines, 1):
-            tok = line.strip()
-            if not tok:
-                continue  # tolerate blank lines (a trailing newline, mostly)
-            if len(tok.split()) != 1:
-                raise DataError(f"{path}:{lineno}: expected one token per line, got '{line}'")
+        for tok in file_tokens:
             if tok in tokens:
-                raise DataError(f"{path}:{lineno}: token '{tok}' appears twice")
+                raise DataError(f"{path}: token '{tok}' appears twice (counting vocab.specials)")
             tokens.append(tok)
         return cls(tokens, roles)
 
@@ -121,3 +133,26 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary({len(self)} tokens, pad={self.pad_id}, sos={self.sos_id}, eos={self.eos_id})"
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _tokens_by_id(path: str, entries: list[tuple[int, list[str]]]) -> list[str]:
+    """Tokens of a ``token id`` dictionary in id order; the ids must be exactly 0..N-1."""
+    by_id: dict[int, str] = {}
+    for lineno, (tok, text) in entries:
+        i = int(text)
+        if i in by_id:
+            raise DataError(f"{path}:{lineno}: id {i} of '{tok}' is already used by '{by_id[i]}'")
+        by_id[i] = tok
+    missing = sorted(set(range(len(by_id))) - set(by_id))
+    if missing:
+        raise DataError(f"{path}: the ids must run from 0 to {len(by_id) - 1} without gaps; id {missing[0]} "
+                        "is missing")
+    return [by_id[i] for i in range(len(by_id))]

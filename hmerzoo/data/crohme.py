@@ -39,6 +39,8 @@ LAYOUT_HELP = ("a data root is a directory with <split>/caption.txt + <split>/<n
                "files holding them (train.zip, 2014.zip, ...), or a zip holding <split>/ folders; "
                "set it with data.root=DIR")
 SKIP_HINT = " (set data.skip_bad=true to skip and count bad samples instead)"
+ZIP_HINT = ("; the zip is damaged or incomplete (an interrupted download or copy?): check it with 'unzip -t' and "
+            "download or copy it again")
 
 
 class SplitSource:
@@ -102,7 +104,7 @@ class ZipSource(SplitSource):
             try:
                 self._zip = zipfile.ZipFile(self.zip_path)
             except (OSError, zipfile.BadZipFile) as e:
-                raise DataError(f"{self.zip_path}: cannot open the zip file ({e})") from None
+                raise DataError(f"{self.zip_path}: cannot open the zip file ({e}){ZIP_HINT}") from None
             self._zip_pid = pid
         return self._zip
 
@@ -120,7 +122,7 @@ class ZipSource(SplitSource):
             return self.archive().read(self.prefix + filename)
         # corrupt member (bad CRC, truncated data), unsupported compression, encrypted member
         except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as e:
-            raise DataError(f"{self.describe(filename)}: cannot read it from the zip ({e})") from None
+            raise DataError(f"{self.describe(filename)}: cannot read it from the zip ({e}){ZIP_HINT}") from None
 
     def describe(self, filename: str) -> str:
         return f"{self.zip_path}:{self.prefix}{filename}"
@@ -136,7 +138,7 @@ def _zip_names(zip_path: Path) -> set[str]:
         with zipfile.ZipFile(zip_path) as zf:
             return set(zf.namelist())
     except (OSError, zipfile.BadZipFile) as e:
-        raise DataError(f"{zip_path}: cannot open the zip file ({e})") from None
+        raise DataError(f"{zip_path}: cannot open the zip file ({e}){ZIP_HINT}") from None
 
 
 def available_splits(root: str | os.PathLike) -> list[str]:

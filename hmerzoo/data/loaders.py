@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..errors import DataError, RecipeError
 from ..vocab import Vocabulary
 from .bucketing import make_buckets
-from .crohme import CrohmeDataset, Sample
+from .crohme import SKIP_HINT, CrohmeDataset, Sample
 from .report import DataReport
 from .sampler import (TAG_AUGMENT, TAG_HOLDOUT, TAG_TRAIN_LIMIT, TAG_VAL_LIMIT, BucketSampler, EpochTaggedSampler,
                       seeded_generator)
@@ -69,7 +69,7 @@ class BucketDataset(Dataset):
                 # The header read when the split was opened, but the pixels do not decode. Counting happens only
                 # in this process (workers' reports do not travel back), so say it here too.
                 if not self.skip_bad:
-                    raise
+                    raise DataError(f"{e}{SKIP_HINT}") from None
                 warnings.warn(f"skipping a bad sample: {e}", stacklevel=2)
                 self.dataset.report.add(self.dataset.split, "unreadable image", str(e))
                 continue
@@ -147,7 +147,9 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     Validation is ``cfg.val_split`` when set (the papers' protocol: a test year), otherwise a seeded hold-out of
     ``cfg.val_holdout`` training samples, removed from training. Training buckets drop captions longer than
     ``max_len`` and images larger than ``max_image_pixels`` (counted in the report); validation drops nothing.
-    Training buckets are sharded whole across ``world_size`` ranks; validation is not sharded.
+    Training buckets are sharded whole across ``world_size`` ranks (every rank gets the same number: the epoch
+    order wraps around); validation buckets too, without repeats (rank r takes buckets r, r+W, ...; the trainer sums
+    the ranks' counts).
     """
     _check_config(cfg)
     report = DataReport()
@@ -181,7 +183,7 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
                                  split=cfg.train_split, wheres=[r.where for r in train_set.samples])
     if not train_buckets:
         raise DataError(f"{train_set.caption_where}: no training samples left after data.max_len={cfg.max_len} "
-                        f"and data.max_image_pixels={cfg.max_image_pixels}\n{report.summary()}")
+                        f"and data.max_image_pixels={cfg.max_image_pixels}; raise these limits\n{report.summary()}")
     limit = ScaleToLimitRange() if cfg.scale_to_limit else None
     augment = ScaleAugmentation() if cfg.scale_aug else None
 
@@ -196,7 +198,9 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
         val_buckets = make_buckets(val_set.sizes, val_set.names, batch_size=cfg.batch_size,
                                    max_pixels=cfg.max_pixels)
         val_data = BucketDataset(val_set, val_buckets, transform=limit, seed=seed, skip_bad=cfg.skip_bad)
-        val_loader = DataLoader(val_data, shuffle=False, **_loader_kwargs(cfg.num_workers, seed))
+        # Several ranks: each validates its own buckets (a range is a sampler); one rank: all, in order.
+        val_sampler = range(rank, len(val_buckets), world_size) if world_size > 1 else None
+        val_loader = DataLoader(val_data, sampler=val_sampler, shuffle=False, **_loader_kwargs(cfg.num_workers, seed))
         num_val = val_data.num_samples
 
     return DataBundle(train=train_loader, train_sampler=sampler, val=val_loader, report=report,

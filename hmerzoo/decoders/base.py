@@ -11,6 +11,17 @@ A decoder is an ``nn.Module`` with:
 - ``init_state(memory, memory_mask, direction)``, ``step(state, last_tokens) -> (logits [N,V], state)`` and
   ``reorder_state(state, index)``: incremental decoding, so that one search serves every decoder.
 
+Optional, with defaults in :class:`SequenceDecoder` (the search reads them with ``getattr``, so a decoder that
+does not subclass it still decodes):
+
+- ``supports_mixed_directions``: ``init_state`` also accepts a list of directions, one per memory row, so the
+  L2R and R2L beams of a bidirectional search run in one batch (True when both directions share the weights
+  and the direction only picks the start token). False: the search runs one batch per direction.
+- ``memory_padding_invariant``: decoding a memory padded beyond the image (mask True there) gives the results
+  of the unpadded memory, so separately encoded images can share one search. False: each image alone.
+- ``prefix_logits(memory, memory_mask, inputs, direction)``: logits [N,t,V] of a full teacher-forced pass over
+  decoder inputs [N,t] (start token first); only the "re-run the prefix" benchmark mode uses it.
+
 :class:`SequenceDecoder` provides ``log_likelihood`` on top of ``teacher_forced``.
 """
 from __future__ import annotations
@@ -25,6 +36,8 @@ from ..model import DecoderOutput, sequence_log_likelihood
 
 class SequenceDecoder(nn.Module):
     d_model: int
+    supports_mixed_directions: bool = False
+    memory_padding_invariant: bool = False
 
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                 tokens: Sequence[Sequence[int]]) -> DecoderOutput:  # pragma: no cover - interface
@@ -44,7 +57,60 @@ class SequenceDecoder(nn.Module):
         raise NotImplementedError
 
     def log_likelihood(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
-                       direction: str = "l2r") -> torch.Tensor:
-        """Summed log-probability of each token sequence plus its stop token, under ``direction``. [N]."""
-        logits, targets = self.teacher_forced(memory, memory_mask, tokens, direction)
-        return sequence_log_likelihood(logits, targets)
+                       direction: str = "l2r", memory_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed log-probability of each token sequence plus its stop token, under ``direction``. [N] float32.
+
+        ``memory_index`` [N]: sequence i reads memory row ``memory_index[i]`` (rescoring many hypotheses of few
+        images); None: one memory row per sequence. Sequences of similar length are scored in one teacher-forced
+        pass each (:func:`length_chunks`): padding hypotheses of 5 and 70 tokens to one length wastes most of it.
+        """
+        if memory_index is None:
+            memory_index = torch.arange(len(tokens), device=memory.device)
+        scores = torch.empty(len(tokens), dtype=torch.float32, device=memory.device)
+        for chunk in length_chunks([len(seq) for seq in tokens]):
+            rows = torch.tensor(chunk, dtype=torch.long, device=memory.device)
+            images = memory_index.index_select(0, rows)
+            logits, targets = self.teacher_forced(memory.index_select(0, images), memory_mask.index_select(0, images),
+                                                  [tokens[i] for i in chunk], direction)
+            scores[rows] = sequence_log_likelihood(logits, targets)
+        return scores
+
+    def prefix_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor,
+                      direction: str | Sequence[str] = "l2r") -> torch.Tensor:
+        """Logits [N,t,V] of a teacher-forced pass over decoder inputs [N,t] that start with the start token.
+
+        ``direction``: one for all rows, or one per row (decoders with ``supports_mixed_directions``). The default
+        goes through ``teacher_forced``, which takes sequences in reading order and adds the start token itself,
+        so each decoded prefix (R2L: reversed) is handed back in reading order, one pass per direction.
+        """
+        directions = [direction] * inputs.shape[0] if isinstance(direction, str) else list(direction)
+        body = [seq[::-1] if d == "r2l" else seq for seq, d in zip(inputs[:, 1:].tolist(), directions)]
+        logits: torch.Tensor | None = None
+        for d in sorted(set(directions)):
+            rows = [i for i, row_direction in enumerate(directions) if row_direction == d]
+            index = torch.tensor(rows, dtype=torch.long, device=memory.device)
+            part, _ = self.teacher_forced(memory.index_select(0, index), memory_mask.index_select(0, index),
+                                          [body[i] for i in rows], d)
+            if logits is None:
+                logits = part.new_empty(inputs.shape[0], *part.shape[1:])
+            logits[index] = part
+        assert logits is not None
+        return logits
+
+
+def length_chunks(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices grouped by length, longest first, so that padding a group to its longest sequence costs at most
+    ``slack`` times its real positions (length + 1 for the start token); a group of one always fits."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        size = lengths[i] + 1
+        if current and (len(current) + 1) * (lengths[current[0]] + 1) > slack * (real + size):
+            chunks.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += size
+    if current:
+        chunks.append(current)
+    return chunks
