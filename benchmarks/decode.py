@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     tensors = image_tensors([str(p) for p in paths], model.recipe) * args.repeat
     config = decode_config(model.recipe, beam_size=args.beam, mode=args.mode,
                            batch_size=args.batch_size or len(tensors))
-    variants = {"cached (KV cache, batched)": None,
-                "re-run the prefix (official)": PrefixRecomputingDecoder(model.decoder)}
+    variants = {"KV cache (hmerzoo)": None, "re-run the prefix (official)": PrefixRecomputingDecoder(model.decoder)}
 
     recognize_tensors(model, tensors[:2], config)  # warm-up: allocator, oneDNN kernels
     timings: dict[str, list[float]] = {}
@@ -129,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     n = len(tensors)
     rates = {name: n / statistics.median(s) for name, s in timings.items()}
     cached, rerun = rates.values()
-    table = Table(title=f"beam search, {config.mode} mode, beam {config.beam_size}, {n} images, "
-                        f"{torch.get_num_threads()} CPU threads", title_justify="left")
+    table = Table(title=f"beam search, {config.mode} mode, beam {config.beam_size}, {n} images, up to "
+                        f"{config.batch_size} per search, {torch.get_num_threads()} CPU threads", title_justify="left")
     for column in ("search", "images/s", "s per round (median, min)", "vs official CoMER 0.31 img/s"):
         table.add_column(column, justify="left" if column == "search" else "right")
     for name, seconds in timings.items():

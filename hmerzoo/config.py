@@ -68,7 +68,7 @@ class TrainConfig:
     # count optimizer steps; checkpoints fall on optimizer-step boundaries only
     accumulate: int = 1
     # EMA of the weights (torch.optim.swa_utils.AveragedModel; null = off): ema = decay * ema + (1 - decay) * weights
-    # after every ema_every-th optimizer step from step ema_start on (the first update copies the weights). Float
+    # after each optimizer step s with s > ema_start and s % ema_every == 0 (the first update copies the weights). Float
     # buffers (BatchNorm statistics) are averaged too. Once it has started, the EMA model is the one validated
     # (val/*, best, schedulers) and saved in every .safetensors file (so load_model gets it); the raw weights
     # travel in the trainer state for resuming

@@ -62,7 +62,7 @@ class SequenceDecoder(nn.Module):
 
         ``memory_index`` [N]: sequence i reads memory row ``memory_index[i]`` (rescoring many hypotheses of few
         images); None: one memory row per sequence. Sequences of similar length are scored in one teacher-forced
-        pass each (:func:`length_chunks`): padding hypotheses of 5 and 70 tokens to one length wastes most of it.
+        pass each (:func:`length_chunks`): padding hypotheses of 5 and 70 tokens to one length wastes much of it.
         """
         if memory_index is None:
             memory_index = torch.arange(len(tokens), device=memory.device)

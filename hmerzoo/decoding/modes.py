@@ -8,7 +8,11 @@
   all hypotheses of all images), then the best of the 2 x beam hypotheses by ``score / len**alpha``, ties going to
   the earlier one (L2R hypotheses first, each beam in finishing order) as Python's ``max`` does.
 
-A new mode (CoMER's, ABM's) is a function ``(decoder, memory, mask, config, sos_id, eos_id, stepper) ->
+- ``comer``: the official CoMER search (:mod:`.comer_search`): L2R and R2L beams of every image in one batch
+  with HF ``BeamSearchScorer`` semantics (``sum log p / len**alpha``, the start token counted), every hypothesis
+  rated by the opposite direction (``-sum CE / len**alpha``), the best of the 2 x beam by the sum of both.
+
+A new mode is a function ``(decoder, memory, mask, config, sos_id, eos_id, stepper) ->
 list[SearchResult]`` in :data:`MODES`, usually a :class:`~hmerzoo.decoding.beam.SearchPolicy` for
 :func:`~hmerzoo.decoding.beam.beam_search` plus its own rescoring and final choice.
 """
@@ -130,13 +134,29 @@ def abm_direction(direction: str) -> Callable[..., list[SearchResult]]:
     return run
 
 
+def comer_mode(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
+               eos_id: int, stepper: Any = None) -> list[SearchResult]:
+    """The official CoMER search: L2R and R2L beams of every image in one HF-style batch, each hypothesis rated
+    by the opposite direction, the best of the 2 x beam by own + reverse score (see :mod:`.comer_search`)."""
+    from .comer_search import comer_search
+
+    pad_id = getattr(decoder, "pad_id", None)
+    if pad_id is None:
+        raise ValueError("decode.mode comer rescores with <pad>-padded teacher forcing; the decoder has no pad_id")
+    found = comer_search(decoder, memory, memory_mask, sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
+                         beam_size=config.beam_size, max_len=config.max_len, alpha=config.alpha,
+                         temperature=getattr(config, "temperature", 1.0), stepper=stepper)
+    return [SearchResult(best=hyps[best], best_score=score, hypotheses=hyps) for hyps, best, score in found]
+
+
 MODES: dict[str, Callable[..., list[SearchResult]]] = {
     "l2r": one_direction("l2r"),
     "r2l": one_direction("r2l"),
     "bttr": bttr_search,
     "abm": abm_direction("l2r"),
+    "comer": comer_mode,
 }
-PLANNED_MODES = ("comer",)  # in DecodeConfig's documentation, not implemented yet
+PLANNED_MODES: tuple[str, ...] = ()  # in DecodeConfig's documentation, not implemented yet
 
 
 def search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,

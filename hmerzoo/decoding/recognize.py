@@ -6,8 +6,8 @@ Batching (``decode.batching``):
   encoder's output, so an image's result never depends on the other images of the call. The search is still
   batched: the memories of up to ``batch_size`` images are padded to a common size with the padding masked, which
   a ``memory_padding_invariant`` decoder (cross-attention masked, nothing else reading the memory) decodes exactly
-  as each memory alone. Images are grouped by memory size first so little padding is needed. Other decoders
-  decode each image alone.
+  as each memory alone (up to float rounding, ~1e-6: the same sums in another order). Images are grouped by memory
+  size first so little padding is needed. Other decoders decode each image alone.
 - ``padded``: images are padded into batches of ``batch_size`` (in the given order) and encoded together, as the
   official CoMER evaluation did; faster, but a result depends on the batch it lands in.
 """
