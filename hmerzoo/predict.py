@@ -49,17 +49,10 @@ class Prediction:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda``/``cuda:N`` must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise HmerzooError(f"--device {name}: CUDA is not available here (no GPU visible to torch "
-                               f"{torch.__version__}); use --device cpu or --device auto")
-        return torch.device(name)
-    raise HmerzooError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    """The ``--device`` of predict/eval (the trainer's rules: ``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    from .trainer import resolve_device as resolve
+
+    return resolve(name, setting="--device")
 
 
 def decode_settings(model: Any, beam_size: int | None = None, max_len: int | None = None,

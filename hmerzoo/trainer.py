@@ -111,22 +111,23 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise RecipeError(problems)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda``/``cuda:N`` must exist."""
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda``/``cuda:N`` must exist. ``setting`` names the recipe key
+    or CLI flag the value came from, for the error message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise HmerzooError(f"train.device={name}: CUDA is not available here (torch {torch.__version__}, built "
-                               f"for CUDA {torch.version.cuda or 'none'}, no GPU visible); use train.device=cpu or "
-                               "train.device=auto")
+            raise HmerzooError(f"{setting}={name}: CUDA is not available here (torch {torch.__version__}, built "
+                               f"for CUDA {torch.version.cuda or 'none'}, no GPU visible); use {setting}=cpu or "
+                               f"{setting}=auto")
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise HmerzooError(f"train.device={name}: there are only {torch.cuda.device_count()} CUDA devices")
+            raise HmerzooError(f"{setting}={name}: there are only {torch.cuda.device_count()} CUDA devices")
         return device
-    raise HmerzooError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    raise HmerzooError(f"{setting}: expected auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

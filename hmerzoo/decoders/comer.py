@@ -31,7 +31,7 @@ from ..posenc import WordPosEnc
 from ..registry import DECODERS
 from .attention_refinement import AttentionRefinement
 from .base import SequenceDecoder
-from .bttr import MultiheadAttention
+from .bttr import MultiheadAttention, TransformerDecoderLayer
 
 # this layer's unrefined attention [N,H,L,S] -> the correction [N,H,L,S] to subtract from its attention logits
 Refiner = Callable[[torch.Tensor], torch.Tensor]
@@ -61,22 +61,9 @@ def refined_cross_attention(attn: MultiheadAttention, q: torch.Tensor, k: torch.
     return attn.out_proj(out.transpose(1, 2).reshape(n, length, attn.d_model)), raw, used
 
 
-class CoMERDecoderLayer(nn.Module):
-    """Post-LN decoder layer; parameter names as in torch's ``TransformerDecoderLayer`` (and the official one)."""
-
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+class CoMERDecoderLayer(TransformerDecoderLayer):
+    """Post-LN decoder layer; parameter names as in torch's ``TransformerDecoderLayer`` (and the official one).
+    Only the forward differs from BTTR's layer: the cross-attention takes the refinement."""
 
     def forward(self, x: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, self_mask: torch.Tensor,
                 cross_valid: torch.Tensor, refine: Refiner | None = None, past_k: torch.Tensor | None = None,

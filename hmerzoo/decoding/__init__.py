@@ -2,7 +2,8 @@
 
 - :mod:`.beam`: :func:`beam_search` over images x beams through a decoder's ``init_state`` / ``step`` /
   ``reorder_state``, with a :class:`SearchPolicy` for what is kept and when a beam ends;
-- :mod:`.modes`: ``l2r``, ``r2l`` and ``bttr`` (bidirectional, cross-direction rescoring), :func:`search`;
+- :mod:`.modes`: ``l2r``, ``r2l``, ``bttr`` (bidirectional, cross-direction rescoring), ``abm`` and ``comer``
+  (:mod:`.comer_search`: CoMER's HF-style scorer over both directions in one batch), :func:`search`;
 - :mod:`.recognize`: images -> search results, per image or padded;
 - :mod:`.prefix`: :class:`PrefixRecomputingDecoder`, the official re-run-the-prefix decoding, for benchmarks.
 """
