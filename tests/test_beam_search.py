@@ -387,3 +387,25 @@ def test_bttr_recognize_files(bttr_fixture) -> None:
     assert [h.tokens for h in alone.hypotheses] == [h.tokens for h in found[1].hypotheses]
     torch.testing.assert_close(torch.tensor([h.score for h in alone.hypotheses]),
                                torch.tensor([h.score for h in found[1].hypotheses]), atol=SCORE_TOL, rtol=0)
+
+
+def test_cli_predict_json_gives_the_official_best(bttr_fixture, tmp_path, capsys) -> None:
+    """The acceptance check through the command line: ``hmerzoo predict MODEL IMAGE --beam 10 --json``."""
+    from hmerzoo.cli import main
+    from hmerzoo.recipe import dump_recipe
+
+    model, golden = bttr_fixture["model"], bttr_fixture["golden"]
+    model_dir = tmp_path / "bttr"
+    model_dir.mkdir()
+    (model_dir / "recipe.yaml").write_text(dump_recipe(model.recipe))
+    model.vocab.save(str(model_dir / "vocab.json"))
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(model_dir / "model.safetensors"))
+    for i, png in enumerate(bttr_fixture["pngs"]):
+        assert main(["predict", str(model_dir), str(png), "--beam", "10", "--json"]) == 0
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert record["image"] == str(png)
+        assert record["tokens"] == golden[f"beam{i}_best_tokens"].tolist()
+        assert record["score"] == pytest.approx(float(golden[f"beam{i}_best_score"]), abs=1e-3)
+        assert record["latex"] == model.vocab.to_latex(record["tokens"])
