@@ -100,3 +100,23 @@ def test_dropout_only_in_training() -> None:
     x, m = torch.rand(1, 1, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool)
     with torch.no_grad():
         assert torch.equal(enc(x, m)[0], enc(x, m)[0])
+
+
+def test_kaiming_uniform_init_option():
+    import math
+
+    import pytest
+    import torch.nn as nn
+
+    from hmerzoo.encoders.densenet import DenseNetB
+
+    torch.manual_seed(0)
+    net = DenseNetB(growth_rate=4, num_layers=2, stem_norm=False, post_norm=False, init="kaiming_uniform")
+    conv = net.dense1[0].conv2  # 3x3 conv, fan_in = 16 * 9
+    bound = math.sqrt(2.0) * math.sqrt(3.0 / (16 * 9))
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+    default = DenseNetB(growth_rate=4, num_layers=2).dense1[0].conv2.weight  # PyTorch's: bound 1/sqrt(fan_in)
+    assert default.abs().max() <= 1 / math.sqrt(16 * 9)
+    with pytest.raises(ValueError, match="init must be"):
+        DenseNetB(init="xavier")
+    assert isinstance(conv, nn.Conv2d)

@@ -69,6 +69,8 @@ class DenseNetB(nn.Module):
 
     ``stem_norm`` / ``post_norm``: the BatchNorm after the stem conv and after the last block, present in
     BTTR/CoMER and absent in ABM/CAN. ``num_layers`` is the number of bottleneck layers per block.
+    ``init``: ``default`` (PyTorch's, as BTTR/CoMER) or ``kaiming_uniform`` (ABM's train.py: Kaiming-uniform,
+    gain sqrt 2, on every conv weight).
     ``channels_last``: run the convolutions on channels-last activations (same results; oneDNN and cuDNN are
     faster with it, ~20% of a CPU training step); the 4-D weights are kept channels-last too, and ``state_dict``
     returns them contiguous, so saved files and ``safetensors.save_file(model.state_dict())`` are unaffected.
@@ -76,7 +78,7 @@ class DenseNetB(nn.Module):
 
     def __init__(self, growth_rate: int = 24, num_layers: int = 16, num_blocks: int = 3, reduction: float = 0.5,
                  dropout: float = 0.2, stem_norm: bool = True, post_norm: bool = True, in_channels: int = 1,
-                 channels_last: bool = True):
+                 channels_last: bool = True, init: str = "default"):
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"densenet: num_blocks must be at least 1, got {num_blocks}")
@@ -98,6 +100,12 @@ class DenseNetB(nn.Module):
         self.channels_last = channels_last
         self.out_channels = channels
         self.post_norm = nn.BatchNorm2d(channels) if post_norm else None
+        if init == "kaiming_uniform":
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_uniform_(module.weight)
+        elif init != "default":
+            raise ValueError(f"densenet: init must be 'default' or 'kaiming_uniform', got {init!r}")
         if channels_last:
             self.to(memory_format=torch.channels_last)
             self.register_state_dict_post_hook(_contiguous_state_dict)
