@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..model import DecoderOutput, sequence_log_likelihood
+from ..model import DecoderOutput, sequence_log_likelihood, teacher_forcing_tensors
 
 
 class SequenceDecoder(nn.Module):
@@ -114,3 +114,19 @@ def length_chunks(lengths: Sequence[int], slack: float = 1.25) -> list[list[int]
     if current:
         chunks.append(current)
     return chunks
+
+
+def stacked_bidirectional_forward(decoder: torch.nn.Module, memory: torch.Tensor, memory_mask: torch.Tensor,
+                                  tokens: Sequence[Sequence[int]]) -> DecoderOutput:
+    """The BTTR family's training pass (BTTR's ``to_bi_tgt_out``): the L2R rows of every sample, then the R2L rows,
+    in one 2B batch sharing the image memory. ``decoder`` provides ``sos_id``, ``eos_id``, ``pad_id`` and
+    ``decode(memory, mask, inputs, rows_per_image=2) -> (logits, hidden)``."""
+    device = memory.device
+    ids = (decoder.sos_id, decoder.eos_id, decoder.pad_id, device)
+    l2r_in, l2r_out = teacher_forcing_tensors(tokens, "l2r", *ids)
+    r2l_in, r2l_out = teacher_forcing_tensors(tokens, "r2l", *ids)
+    logits, hidden = decoder.decode(memory, memory_mask, torch.cat((l2r_in, r2l_in)), rows_per_image=2)
+    n = len(tokens)
+    return DecoderOutput(logits=logits, targets=torch.cat((l2r_out, r2l_out)), hidden=hidden,
+                         directions=["l2r"] * n + ["r2l"] * n)
+

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..model import DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors
 from ..posenc import WordPosEnc
 from ..registry import DECODERS
-from .base import SequenceDecoder, length_chunks
+from .base import SequenceDecoder, length_chunks, stacked_bidirectional_forward
 
 
 class MultiheadAttention(nn.Module):
@@ -322,13 +322,7 @@ class BTTRDecoder(SequenceDecoder):
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                 tokens: Sequence[Sequence[int]]) -> DecoderOutput:
         """BTTR's training pass: L2R and R2L rows of every sample in one 2B batch, sharing the image memory."""
-        device = memory.device
-        l2r_in, l2r_out = teacher_forcing_tensors(tokens, "l2r", self.sos_id, self.eos_id, self.pad_id, device)
-        r2l_in, r2l_out = teacher_forcing_tensors(tokens, "r2l", self.sos_id, self.eos_id, self.pad_id, device)
-        logits, hidden = self.decode(memory, memory_mask, torch.cat((l2r_in, r2l_in)), rows_per_image=2)
-        n = len(tokens)
-        return DecoderOutput(logits=logits, targets=torch.cat((l2r_out, r2l_out)), hidden=hidden,
-                             directions=["l2r"] * n + ["r2l"] * n)
+        return stacked_bidirectional_forward(self, memory, memory_mask, tokens)
 
     def teacher_forced(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
                        direction: str = "l2r",

@@ -30,7 +30,7 @@ from ..model import DecoderOutput, direction_tokens, teacher_forcing_tensors
 from ..posenc import WordPosEnc
 from ..registry import DECODERS
 from .attention_refinement import AttentionRefinement
-from .base import SequenceDecoder
+from .base import SequenceDecoder, stacked_bidirectional_forward
 from .bttr import MultiheadAttention, TransformerDecoderLayer
 
 # this layer's unrefined attention [N,H,L,S] -> the correction [N,H,L,S] to subtract from its attention logits
@@ -239,13 +239,7 @@ class CoMERDecoder(SequenceDecoder):
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                 tokens: Sequence[Sequence[int]]) -> DecoderOutput:
         """CoMER's training pass: L2R rows then R2L rows of every sample in one 2B batch (``to_bi_tgt_out``)."""
-        device = memory.device
-        l2r_in, l2r_out = teacher_forcing_tensors(tokens, "l2r", self.sos_id, self.eos_id, self.pad_id, device)
-        r2l_in, r2l_out = teacher_forcing_tensors(tokens, "r2l", self.sos_id, self.eos_id, self.pad_id, device)
-        logits, hidden = self.decode(memory, memory_mask, torch.cat((l2r_in, r2l_in)), rows_per_image=2)
-        n = len(tokens)
-        return DecoderOutput(logits=logits, targets=torch.cat((l2r_out, r2l_out)), hidden=hidden,
-                             directions=["l2r"] * n + ["r2l"] * n)
+        return stacked_bidirectional_forward(self, memory, memory_mask, tokens)
 
     def teacher_forced(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
                        direction: str = "l2r") -> tuple[torch.Tensor, torch.Tensor]:
