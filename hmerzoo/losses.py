@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batch import Batch
-from .model import IGNORE_INDEX, DecoderOutput
+from .sequence import IGNORE_INDEX, DecoderOutput
 from .registry import LOSSES
 
 

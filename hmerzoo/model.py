@@ -1,4 +1,4 @@
-"""The model contract shared by every architecture, and the composite model the trainer drives.
+"""The composite model the trainer drives, and the contract its parts keep (the token contract: sequence.py).
 
     encoder : images [B,1,H,W], mask [B,H,W] (True = pad) -> features [B,C,h,w], mask [B,h,w]
     neck    : (optional) features [B,C,h,w], mask -> memory [B,h,w,d] (channels last), mask [B,h,w]
@@ -19,61 +19,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .batch import Batch, pad_images
+from .decoding.recognize import decode_config, image_tensors, recognize_tensors
+from .sequence import (  # noqa: F401  (re-exported: the contract's old home)
+    IGNORE_INDEX, DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors)
 from .vocab import Vocabulary
-
-IGNORE_INDEX = -100  # target id of positions without a target (padding); what F.cross_entropy ignores
-
-
-@dataclass
-class DecoderOutput:
-    """What a decoder's teacher-forced forward returns.
-
-    logits: [N, L, V]; targets: [N, L] with IGNORE_INDEX where there is no target.
-    hidden: [N, L, d] final decoder states (for auxiliary heads), or None.
-    directions: per row of N, "l2r" or "r2l" (bidirectional decoders stack both directions: N = 2B).
-    extras: anything else a decoder's own loss or heads need (attention maps, second branch...).
-    """
-
-    logits: torch.Tensor
-    targets: torch.Tensor
-    hidden: torch.Tensor | None = None
-    directions: list[str] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-def direction_tokens(vocab_sos: int, vocab_eos: int, direction: str) -> tuple[int, int]:
-    """(start, stop) token ids of a direction: L2R runs <sos> ... <eos>, R2L runs <eos> ... <sos>."""
-    if direction == "l2r":
-        return vocab_sos, vocab_eos
-    if direction == "r2l":
-        return vocab_eos, vocab_sos
-    raise ValueError(f"direction must be 'l2r' or 'r2l', got {direction!r}")
-
-
-def teacher_forcing_tensors(tokens: Sequence[Sequence[int]], direction: str, sos_id: int, eos_id: int,
-                            pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder inputs and targets for one direction, as BTTR builds them.
-
-    L2R: input ``<sos> y1..yn``, target ``y1..yn <eos>``; R2L: input ``<eos> yn..y1``, target ``yn..y1 <sos>``.
-    Inputs are right-padded with ``pad_id``, targets with IGNORE_INDEX. Shapes [N, max_len + 1].
-    """
-    start, stop = direction_tokens(sos_id, eos_id, direction)
-    n = len(tokens)
-    length = max((len(t) for t in tokens), default=0) + 1
-    inp = torch.full((n, length), pad_id, dtype=torch.long)
-    out = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    for i, seq in enumerate(tokens):
-        seq = list(seq) if direction == "l2r" else list(seq)[::-1]
-        k = len(seq)
-        inp[i, 0] = start
-        if k:
-            inp[i, 1:k + 1] = torch.tensor(seq, dtype=torch.long)
-            out[i, :k] = torch.tensor(seq, dtype=torch.long)
-        out[i, k] = stop
-    return inp.to(device), out.to(device)
 
 
 @dataclass
@@ -190,8 +141,6 @@ class HMERModel(nn.Module):
         of the others) | padded (batches of ``batch_size`` padded together, as the official CoMER evaluation).
         See :mod:`hmerzoo.decoding`.
         """
-        from .decoding.recognize import decode_config, image_tensors, recognize_tensors
-
         config = decode_config(self.recipe, beam_size=beam_size, max_len=max_len, alpha=alpha, mode=mode,
                                batching=batching, batch_size=batch_size)
         if not isinstance(images, (list, tuple)):
@@ -216,11 +165,3 @@ def _collect(losses: dict[str, torch.Tensor], name: str, value: Any) -> None:
             losses[k if k not in losses else f"{name}.{k}"] = v
     else:
         losses[name] = value
-
-
-def sequence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of log_softmax(logits)[target], skipping IGNORE_INDEX. [N, L, V], [N, L] -> [N]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    valid = targets != IGNORE_INDEX
-    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * valid).sum(-1)

@@ -17,7 +17,7 @@ from hmerzoo.decoders.attention_aggregation import AttentionAggregation
 from hmerzoo.errors import DataError, HmerzooError, RecipeError
 from hmerzoo.heads.mutual_distillation import MutualDistillation
 from hmerzoo.losses import SequenceCrossEntropy
-from hmerzoo.model import IGNORE_INDEX, DecoderOutput
+from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput
 from hmerzoo.optim import Plateau
 from hmerzoo.vocab import Vocabulary
 

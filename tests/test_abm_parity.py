@@ -22,7 +22,7 @@ from hmerzoo.config import DecodeConfig
 from hmerzoo.convert import convert, convert_state_dict_abm
 from hmerzoo.decoding.modes import abm_direction
 from hmerzoo.errors import CheckpointError
-from hmerzoo.model import IGNORE_INDEX
+from hmerzoo.sequence import IGNORE_INDEX
 
 SHARED = Path(os.environ.get("HMERZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 FIXTURES = SHARED / "fixtures/parity/abm"

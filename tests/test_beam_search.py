@@ -20,7 +20,7 @@ from hmerzoo.config import DecodeConfig
 from hmerzoo.decoders.base import SequenceDecoder
 from hmerzoo.decoding import (PrefixRecomputingDecoder, beam_search, decode_config, recognize_tensors, search)
 from hmerzoo.decoders.base import length_chunks
-from hmerzoo.model import direction_tokens, teacher_forcing_tensors
+from hmerzoo.sequence import direction_tokens, teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
 
 PAD, SOS, EOS = 0, 1, 2

@@ -19,7 +19,7 @@ from hmerzoo.builder import build_model
 from hmerzoo.convert import convert, convert_state_dict_bttr, read_official_checkpoint
 from hmerzoo.decoders.bttr import BTTRDecoder
 from hmerzoo.errors import CheckpointError
-from hmerzoo.model import IGNORE_INDEX, teacher_forcing_tensors
+from hmerzoo.sequence import IGNORE_INDEX, teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
 
 SHARED = Path(os.environ.get("HMERZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))

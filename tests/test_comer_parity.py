@@ -17,7 +17,8 @@ from hmerzoo.builder import build_model
 from hmerzoo.convert import convert, convert_state_dict_comer
 from hmerzoo.decoders.comer import CoMERDecoder
 from hmerzoo.errors import CheckpointError
-from hmerzoo.model import IGNORE_INDEX, HMERModel, teacher_forcing_tensors
+from hmerzoo.model import HMERModel
+from hmerzoo.sequence import IGNORE_INDEX, teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
 
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from hmerzoo.decoders.base import SequenceDecoder
-from hmerzoo.model import DecoderOutput, teacher_forcing_tensors
+from hmerzoo.sequence import DecoderOutput, teacher_forcing_tensors
 from hmerzoo.registry import DECODERS
 
 

@@ -20,7 +20,8 @@ from hmerzoo.convert import convert, convert_state_dict_comer, convert_state_dic
 from hmerzoo.decoders.attention_refinement import AttentionRefinement
 from hmerzoo.errors import CheckpointError, RecipeError
 from hmerzoo.heads.structure_skeleton import SKELETON_TOKENS, StructureSkeletonHead
-from hmerzoo.model import IGNORE_INDEX, DecoderOutput, HMERModel, teacher_forcing_tensors
+from hmerzoo.model import HMERModel
+from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
 
 TOL = dict(atol=1e-4, rtol=1e-4)

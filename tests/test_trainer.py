@@ -26,7 +26,7 @@ from hmerzoo.checkpoint import latest_checkpoint, list_checkpoints, load_weights
 from hmerzoo.data.report import DataReport
 from hmerzoo.data.sampler import BucketSampler
 from hmerzoo.errors import HmerzooError
-from hmerzoo.model import DecoderOutput, teacher_forcing_tensors
+from hmerzoo.sequence import DecoderOutput, teacher_forcing_tensors
 from hmerzoo.optim import MultiStep, Plateau, WarmupCosine
 from hmerzoo.registry import DECODERS, ENCODERS
 

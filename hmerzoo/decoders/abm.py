@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..model import IGNORE_INDEX, DecoderOutput, direction_tokens, teacher_forcing_tensors
+from ..sequence import IGNORE_INDEX, DecoderOutput, direction_tokens, teacher_forcing_tensors
 from ..registry import DECODERS
 from .attention_aggregation import AttentionAggregation
 from .base import SequenceDecoder

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..model import DecoderOutput, sequence_log_likelihood, teacher_forcing_tensors
+from ..sequence import DecoderOutput, sequence_log_likelihood, teacher_forcing_tensors
 
 
 class SequenceDecoder(nn.Module):

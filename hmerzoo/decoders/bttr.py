@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors
+from ..sequence import DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors
 from ..posenc import WordPosEnc
 from ..registry import DECODERS
 from .base import SequenceDecoder, length_chunks, stacked_bidirectional_forward

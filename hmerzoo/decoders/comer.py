@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import DecoderOutput, direction_tokens, teacher_forcing_tensors
+from ..sequence import DecoderOutput, direction_tokens, teacher_forcing_tensors
 from ..posenc import WordPosEnc
 from ..registry import DECODERS
 from .attention_refinement import AttentionRefinement

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model import direction_tokens
+from ..sequence import direction_tokens
 
 
 @dataclass

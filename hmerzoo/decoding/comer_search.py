@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..model import direction_tokens
+from ..sequence import direction_tokens
 from .beam import Hypothesis
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..batch import Batch
 from ..errors import RecipeError
-from ..model import IGNORE_INDEX, DecoderOutput
+from ..sequence import IGNORE_INDEX, DecoderOutput
 from ..registry import HEADS
 
 PAIRINGS = ("official", "target")

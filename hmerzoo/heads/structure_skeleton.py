@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..batch import Batch
 from ..errors import RecipeError
-from ..model import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
+from ..sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
 from ..registry import HEADS
 from ..vocab import Vocabulary
 
