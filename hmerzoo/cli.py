@@ -47,15 +47,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, _split_overrides(args.overrides))
     recipe.setdefault("imports", [])
     recipe["imports"] = list(dict.fromkeys(list(recipe["imports"] or []) + list(args.imports or [])))
-    validate_recipe(recipe, args.recipe)
     if args.nproc_per_node is not None:
         from .distributed import ENV_RELAUNCHED, relaunch_with_torchrun
 
         if not os.environ.get(ENV_RELAUNCHED):  # the relaunched processes themselves just train
+            validate_recipe(recipe, args.recipe)  # a bad recipe fails here, before N processes start
             # The same command line without the flag, in N processes started by torch.distributed.run.
             argv = args.argv if args.argv is not None else sys.argv[1:]
             return relaunch_with_torchrun(args.nproc_per_node, argv)
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, source=args.recipe)  # validates the recipe (once)
     return 0
 
 
@@ -134,10 +134,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------------------
+class IntermixedParser(argparse.ArgumentParser):
+    """A verb's parser: options and positionals may come in any order (``train RECIPE --resume auto key=value``),
+    as argparse's intermixed parsing allows. Plain argparse takes all positionals in one go, so overrides after an
+    option would be "unrecognized arguments"."""
+
+    _intermixed_active = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._intermixed_active:  # parse_known_intermixed_args calls back in here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixed_active = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed_active = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hmerzoo", description="Handwritten Mathematical Expression Recognition zoo")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
     def add_import(sp):
         sp.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",

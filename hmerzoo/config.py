@@ -1,21 +1,84 @@
 """Typed sections of a recipe that are not components: vocab, data, train, decode.
 
 Each is a dataclass: its fields are the keys a recipe may set, with their types and defaults. Unknown keys and
-wrong types are reported by :func:`check_section` with the key path and a did-you-mean.
+wrong types are reported by :func:`check_section` with the key path and a did-you-mean. Each section checks its own
+value ranges (``problems()``) and refuses to be built with bad ones (:class:`SectionError`, all problems at once), so
+the rules live here and nowhere else.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
 import types
 import typing
 from typing import Any, Union
 
-from .errors import did_you_mean
+from .errors import RecipeError, did_you_mean
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision
+NONFINITE_POLICIES = ("error", "skip")  # train.nonfinite
+VAL_METRICS = ("val/loss", "val/exprate", "val/le1", "val/le2", "val/le3")  # train.monitor
+BATCHING = ("per_image", "padded")  # decode.batching
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class SectionError(RecipeError, ValueError):
+    """A section built with values out of range. Also a ValueError, the error of a bad constructor argument."""
+
+
+class Section:
+    """Base of the sections: ``problems()`` lists what the types cannot express; building a section with problems
+    raises :class:`SectionError` listing them all."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise SectionError(problems)
+
+
+def _at_least(section: Any, path: str, minimum: int, keys: tuple[str, ...], optional: bool = False) -> list[str]:
+    out = []
+    for key in keys:
+        value = getattr(section, key)
+        if value is not None and value < minimum:
+            out.append(f"{path}.{key}: must be >= {minimum}{' or null' if optional else ''}, got {value}")
+    return out
+
+
+def _one_of(section: Any, path: str, key: str, choices: tuple[str, ...]) -> list[str]:
+    value = getattr(section, key)
+    if value in choices:
+        return []
+    return [f"{path}.{key}: expected one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"]
+
+
+def parse_duration(value: Any, key: str = "train.max_time") -> float | None:
+    """Seconds of a duration: a number of seconds, or a string such as ``90s``, ``30m``, ``8h``, ``1d``, ``1h30m``
+    (a bare number string counts seconds). None stays None. Raises :class:`RecipeError` naming ``key``."""
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif text and re.fullmatch(r"(\d+(\.\d+)?[smhd])+", text):
+            seconds = sum(float(n) * DURATION_UNITS[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)([smhd])", text))
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise RecipeError(f"{key}: expected a positive duration such as 90s, 30m, 8h, 1h30m or a number of seconds, "
+                          f"got {value!r}")
+    return seconds
 
 
 @dataclasses.dataclass
-class VocabConfig:
+class VocabConfig(Section):
     dictionary: str | None = None  # one token per line; default: <data.root>/dictionary.txt
     specials: list[str] = dataclasses.field(default_factory=lambda: ["<pad>", "<sos>", "<eos>"])  # ids 0, 1, ...
     # which tokens play the roles pad / sos / eos (default <pad>, <sos>, <eos>; a missing pad token means no
@@ -24,7 +87,7 @@ class VocabConfig:
 
 
 @dataclasses.dataclass
-class DataConfig:
+class DataConfig(Section):
     root: str | None = None  # directory with <split>/ folders or <split>.zip files (the BTTR/CoMER layout)
     train_split: str | int = "train"
     # Validation: None = a seeded held-out slice of the training split (val_holdout samples, removed from
@@ -43,11 +106,19 @@ class DataConfig:
     num_workers: int = 2
     skip_bad: bool = False  # skip (and count) bad samples instead of stopping with an error
 
+    def problems(self) -> list[str]:
+        return (_at_least(self, "data", 1, ("batch_size", "max_pixels", "max_image_pixels", "max_len"))
+                + _at_least(self, "data", 0, ("val_holdout", "num_workers"))
+                + _at_least(self, "data", 1, ("train_limit", "val_limit"), optional=True))
+
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 300
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached first)
+    # wall-clock budget of one invocation (90s, 30m, 8h, 1h30m or seconds): at the first step boundary past it the
+    # run saves a checkpoint and ends; --resume auto continues (with a fresh budget)
+    max_time: str | float | None = None
     device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     grad_clip: float | None = None  # max gradient norm; the norm is logged either way
@@ -87,9 +158,38 @@ class TrainConfig:
     # the weights unchanged for that batch, count it (metrics.jsonl "nonfinite_skipped", and the end of the run)
     nonfinite: str = "error"
 
+    @property
+    def max_time_seconds(self) -> float | None:
+        return parse_duration(self.max_time)
+
+    def problems(self) -> list[str]:
+        problems = (_at_least(self, "train", 1, ("epochs", "log_every", "val_max_len", "accumulate", "ema_every"))
+                    + _at_least(self, "train", 1, ("max_steps", "ckpt_every", "num_threads"), optional=True)
+                    + _at_least(self, "train", 0, ("val_every", "keep_last", "ema_start"))
+                    + _one_of(self, "train", "precision", PRECISIONS)
+                    + _one_of(self, "train", "monitor", VAL_METRICS)
+                    + _one_of(self, "train", "monitor_mode", ("max", "min"))
+                    + _one_of(self, "train", "nonfinite", NONFINITE_POLICIES))
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            problems.append(f"train.grad_clip: must be > 0 or null, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"train.ema_decay: must be in [0, 1) or null (no EMA), got {self.ema_decay}")
+        try:
+            parse_duration(self.max_time)
+        except RecipeError as e:
+            problems += e.problems
+        if self.compile:
+            import torch._dynamo  # only when asked: importing the compiler stack takes a moment
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                problems.append(f"train.compile_backend: expected one of {', '.join(backends)}, got "
+                                f"{self.compile_backend!r}")
+        return problems
+
 
 @dataclasses.dataclass
-class DecodeConfig:
+class DecodeConfig(Section):
     beam_size: int = 10
     max_len: int = 200
     alpha: float = 1.0  # length normalisation: score / len ** alpha
@@ -100,6 +200,11 @@ class DecodeConfig:
     # padded: images padded into batches as the official CoMER evaluation did (faster; results depend on padding)
     batching: str = "per_image"
     batch_size: int = 8  # images decoded together (eval / predict)
+
+    def problems(self) -> list[str]:
+        # decode.mode is checked where the modes are known (decoding.recognize.decode_config)
+        return _one_of(self, "decode", "batching", BATCHING) + _at_least(self, "decode", 1,
+                                                                        ("beam_size", "max_len", "batch_size"))
 
 
 SECTIONS = {"vocab": VocabConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
@@ -151,7 +256,8 @@ def _type_name(ann: Any) -> str:
 
 
 def check_section(cls: type, values: Any, path: str) -> list[str]:
-    """Problems of one dataclass section: not a mapping, unknown keys, wrong types."""
+    """Problems of one dataclass section: not a mapping, unknown keys, wrong types, then (when the keys and types
+    are right) the section's own range checks."""
     if values is None:
         return []
     if not isinstance(values, dict):
@@ -166,6 +272,11 @@ def check_section(cls: type, values: Any, path: str) -> list[str]:
         p = type_problem(val, hints[key], f"{path}.{key}")
         if p:
             problems.append(p)
+    if not problems:
+        try:
+            cls(**values)
+        except RecipeError as e:
+            problems += e.problems
     return problems
 
 

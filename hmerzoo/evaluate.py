@@ -31,7 +31,8 @@ from .data.sampler import TAG_VAL_LIMIT
 from .data.transforms import ScaleToLimitRange
 from .errors import HmerzooError
 from .metrics import ExpRateMeter
-from .predict import decode_settings, resolve_device
+from .predict import decode_settings
+from .runtime import resolve_device
 
 METRIC = ("token edit distance: ExpRate, <=1, <=2, <=3 are the fractions of expressions whose predicted LaTeX token "
           "sequence is within 0, 1, 2, 3 token edits (Levenshtein distance over tokens) of the reference; not the "
@@ -163,7 +164,7 @@ def run_eval(model_path: str, data_root: str, splits: Sequence[str], beam_size: 
         raise HmerzooError("--split: give at least one split (e.g. --split 2014 2016 2019)")
     console = Console(file=stdout or sys.stdout, highlight=False)
     progress_console = Console(file=stderr or sys.stderr, highlight=False)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, setting="--device")
     model = load_model(model_path, map_location=torch_device)
     decode = decode_settings(model, beam_size=beam_size, batching=batching, batch_size=batch_size, mode=mode,
                              max_len=max_len)

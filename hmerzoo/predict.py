@@ -24,6 +24,7 @@ import torch
 
 from .config import DecodeConfig, check_section
 from .data.images import prepare_image, size_ranges_for_recipe
+from . import runtime
 from .errors import DataError, HmerzooError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -49,10 +50,8 @@ class Prediction:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The ``--device`` of predict/eval (the trainer's rules: ``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
-    from .trainer import resolve_device as resolve
-
-    return resolve(name, setting="--device")
+    """The ``--device`` of predict/eval (the runtime's rules: ``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    return runtime.resolve_device(name, setting="--device")
 
 
 def decode_settings(model: Any, beam_size: int | None = None, max_len: int | None = None,

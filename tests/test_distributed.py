@@ -38,8 +38,9 @@ from hmerzoo.data.loaders import collate_bucket
 from hmerzoo.distributed import ENV_RELAUNCHED, strip_nproc_flag, torchrun_argv
 from hmerzoo.errors import CheckpointError
 from hmerzoo.registry import OPTIMIZERS
-from hmerzoo.trainer import build_data, evaluate, seed_everything
-from hmerzoo.trainer import train as train_run
+from hmerzoo.runtime import seed_everything
+from hmerzoo.training import build_data, greedy_validation
+from hmerzoo.training import train as train_run
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -106,7 +107,7 @@ def _reference_run(recipe: dict, steps: int, world: int) -> tuple[torch.nn.Modul
         optimizer.step()
         train_records.append({"step": step + 1, "loss": loss.item(), "grad_norm": norm.item()})
         if k + 1 == per_epoch:
-            val_records.append({"step": step + 1, **evaluate(model, iter(data.val), torch.device("cpu"), "fp32",
+            val_records.append({"step": step + 1, **greedy_validation(model, iter(data.val), torch.device("cpu"), "fp32",
                                                              int(recipe["train"]["val_max_len"]))})
     return model, train_records, val_records
 

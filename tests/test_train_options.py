@@ -11,7 +11,8 @@ import torch.nn as nn
 from rich.console import Console
 
 import hmerzoo
-from hmerzoo import trainer as trainer_mod
+from hmerzoo import training
+from hmerzoo.training import loop as training_loop
 from hmerzoo.batch import Batch, pad_images
 from hmerzoo.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_best
 from hmerzoo.errors import HmerzooError
@@ -52,7 +53,7 @@ def test_ema_weights_are_the_ema_of_the_raw_weights(tmp_path, toy_data, start, e
     e = w_s at the first update (step s > start with s % every == 0), then e = d e + (1 - d) w_s at each update -
     for the parameters and the BatchNorm running statistics alike (use_buffers=True)."""
     decay = 0.8
-    run_dir = trainer_mod.train(bn_recipe(tmp_path, "run", ema_decay=decay, ema_start=start, ema_every=every,
+    run_dir = training.train(bn_recipe(tmp_path, "run", ema_decay=decay, ema_start=start, ema_every=every,
                                           max_steps=7, val_every=0, ckpt_every=1, keep_last=0), console=quiet())
     ckpts = list_checkpoints(run_dir)
     assert [c.step for c in ckpts] == list(range(1, 8))
@@ -79,7 +80,7 @@ def test_ema_weights_are_the_ema_of_the_raw_weights(tmp_path, toy_data, start, e
 
 
 def test_ema_is_validated_saved_as_best_and_loaded(tmp_path, toy_data):
-    run_dir = trainer_mod.train(bn_recipe(tmp_path, "run", ema_decay=0.5, ema_val_raw=True, epochs=2),
+    run_dir = training.train(bn_recipe(tmp_path, "run", ema_decay=0.5, ema_val_raw=True, epochs=2),
                                 console=quiet())
     val = [r for r in read_metrics(run_dir) if "val/loss" in r]
     assert [r["step"] for r in val] == [5, 10]
@@ -91,8 +92,8 @@ def test_ema_is_validated_saved_as_best_and_loaded(tmp_path, toy_data):
     raw = copy.deepcopy(model)
     raw.load_state_dict(trainer_state(last)["ema"]["raw_model"])
     bundle = ToyBundle(model.vocab, seed=3)
-    ema_results = trainer_mod.evaluate(model, iter(bundle.val), torch.device("cpu"), "fp32", max_len=6)
-    raw_results = trainer_mod.evaluate(raw, iter(bundle.val), torch.device("cpu"), "fp32", max_len=6)
+    ema_results = greedy_validation(model, iter(bundle.val), torch.device("cpu"), "fp32", max_len=6)
+    raw_results = greedy_validation(raw, iter(bundle.val), torch.device("cpu"), "fp32", max_len=6)
     assert ema_results["val/loss"] == pytest.approx(val[-1]["val/loss"], rel=1e-6)
     assert raw_results["val/loss"] == pytest.approx(val[-1]["val_raw/loss"], rel=1e-6)
     # best.safetensors = the EMA weights of the best validation; load_model(run_dir) gives them
@@ -105,17 +106,17 @@ def test_ema_is_validated_saved_as_best_and_loaded(tmp_path, toy_data):
 
 
 def test_ema_resume_is_exact(tmp_path, toy_data):
-    straight = trainer_mod.train(bn_recipe(tmp_path, "straight", sched=COSINE, ema_decay=0.7, ema_every=2),
+    straight = training.train(bn_recipe(tmp_path, "straight", sched=COSINE, ema_decay=0.7, ema_every=2),
                                  console=quiet())
     HOOKS.reset()
     HOOKS.sigint_at_forward = 7  # epoch 2, bucket 2: n_averaged 3 in the checkpoint
     recipe = bn_recipe(tmp_path, "resumed", sched=COSINE, ema_decay=0.7, ema_every=2)
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(recipe, console=quiet())
+        training.train(recipe, console=quiet())
     state = trainer_state(latest_checkpoint(tmp_path / "resumed"))
     assert (state["step"], state["ema"]["n_averaged"]) == (7, 3)
     HOOKS.reset()
-    trainer_mod.train(recipe, resume="auto", console=quiet())
+    training.train(recipe, resume="auto", console=quiet())
     assert_same_run(straight, tmp_path / "resumed")  # metrics (validation of the EMA) and EMA weights
     raw_a = trainer_state(latest_checkpoint(straight))["ema"]["raw_model"]
     raw_b = trainer_state(latest_checkpoint(tmp_path / "resumed"))["ema"]["raw_model"]
@@ -156,7 +157,7 @@ def test_accumulate_two_buckets_equals_one_step_on_their_union(tmp_path):
         m.eval()
         params = [p for p in m.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9)
-        results.append(trainer_mod.train_step(m, batches, optimizer, params, torch.device("cpu"), "fp32"))
+        results.append(training.train_step(m, batches, optimizer, params, torch.device("cpu"), "fp32"))
     assert results[0].loss == pytest.approx(results[1].loss, abs=1e-6)  # the mean of A's and B's losses
     assert results[0].grad_norm == pytest.approx(results[1].grad_norm, rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
@@ -168,7 +169,7 @@ def test_accumulate_two_buckets_equals_one_step_on_their_union(tmp_path):
 def test_accumulate_counts_optimizer_steps_and_resumes_exactly(tmp_path, toy_data):
     # 5 buckets per epoch, 2 per step: steps of 2, 2 and 1 buckets, 3 steps per epoch, 6 in all
     out = io.StringIO()
-    straight = trainer_mod.train(toy_recipe(tmp_path, "straight", sched=COSINE, epochs=2, accumulate=2, ckpt_every=1,
+    straight = training.train(toy_recipe(tmp_path, "straight", sched=COSINE, epochs=2, accumulate=2, ckpt_every=1,
                                             keep_last=0), console=Console(file=out, width=200))
     assert "3 steps per epoch of 2 buckets, 6 steps in all" in out.getvalue()
     records = read_metrics(straight)
@@ -182,18 +183,18 @@ def test_accumulate_counts_optimizer_steps_and_resumes_exactly(tmp_path, toy_dat
     HOOKS.sigint_at_forward = 3  # first bucket of step 2: its second bucket is still trained, then the stop
     recipe = toy_recipe(tmp_path, "resumed", sched=COSINE, epochs=2, accumulate=2, ckpt_every=1, keep_last=0)
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(recipe, console=quiet())
+        training.train(recipe, console=quiet())
     state = trainer_state(latest_checkpoint(tmp_path / "resumed"))
     assert (state["step"], state["epoch"], state["position"], state["accumulate"]) == (2, 0, 4, 2)
     HOOKS.reset()
-    trainer_mod.train(recipe, resume="auto", console=quiet())
+    training.train(recipe, resume="auto", console=quiet())
     assert_same_run(straight, tmp_path / "resumed")
 
 
 def test_accumulate_one_is_the_plain_loop(tmp_path, toy_data):
-    a = trainer_mod.train(toy_recipe(tmp_path, "a", max_steps=4, val_every=0), console=quiet())
+    a = training.train(toy_recipe(tmp_path, "a", max_steps=4, val_every=0), console=quiet())
     HOOKS.reset()
-    b = trainer_mod.train(toy_recipe(tmp_path, "b", max_steps=4, val_every=0, accumulate=1), console=quiet())
+    b = training.train(toy_recipe(tmp_path, "b", max_steps=4, val_every=0, accumulate=1), console=quiet())
     assert_same_run(a, b)
 
 
@@ -210,7 +211,7 @@ def test_compiled_encoder_and_decoder_layers_match_eager(tmp_path):
     eager = hmerzoo.build_model("bttr", [f"vocab.dictionary={dictionary}", *TINY_BTTR]).eval()
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
-    targets = trainer_mod.compile_model(compiled, backend="aot_eager")
+    targets = training.compile_model(compiled, backend="aot_eager")
     assert targets[:2] == [compiled.encoder, compiled.neck]
     assert targets[2:] == list(compiled.decoder.layers)  # the layers; not the decoder, its embedding or projection
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefixes
@@ -229,10 +230,10 @@ def test_compiled_training_run_matches_eager_and_saves_plain_weights(tmp_path, t
 
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
-    eager = trainer_mod.train(toy_recipe(tmp_path, "eager", epochs=1), console=quiet())
+    eager = training.train(toy_recipe(tmp_path, "eager", epochs=1), console=quiet())
     assert counters["stats"]["unique_graphs"] == graphs
     HOOKS.reset()
-    compiled = trainer_mod.train(toy_recipe(tmp_path, "compiled", epochs=1, compile=True,
+    compiled = training.train(toy_recipe(tmp_path, "compiled", epochs=1, compile=True,
                                             compile_backend="aot_eager"), console=quiet())
     assert counters["stats"]["unique_graphs"] > graphs  # the toy encoder (the toy decoder has no layers to compile)
     a, b = read_metrics(eager), read_metrics(compiled)
@@ -251,23 +252,23 @@ def test_compiled_training_run_matches_eager_and_saves_plain_weights(tmp_path, t
 
 # --- deterministic mode, settings ---------------------------------------------------------------------------------
 def test_deterministic_runs_are_bit_identical(tmp_path, toy_data):
-    a = trainer_mod.train(bn_recipe(tmp_path, "a", epochs=2, deterministic=True), console=quiet())
+    a = training.train(bn_recipe(tmp_path, "a", epochs=2, deterministic=True), console=quiet())
     HOOKS.reset()
-    b = trainer_mod.train(bn_recipe(tmp_path, "b", epochs=2, deterministic=True), console=quiet())
+    b = training.train(bn_recipe(tmp_path, "b", epochs=2, deterministic=True), console=quiet())
     assert_same_run(a, b)  # the same metrics and bit-identical weights
 
 
 @pytest.mark.parametrize("before", [None, False, True])
 def test_deterministic_flag_holds_during_the_run_and_is_restored(tmp_path, toy_data, monkeypatch, before):
     seen = []
-    real_step = trainer_mod.train_step
+    real_step = training.train_step
 
     def spy(*args, **kwargs):
         seen.append((torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic))
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "train_step", spy)
+    monkeypatch.setattr(training_loop, "train_step", spy)
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.deterministic)
     try:
@@ -275,7 +276,7 @@ def test_deterministic_flag_holds_during_the_run_and_is_restored(tmp_path, toy_d
             torch.use_deterministic_algorithms(before)  # warn_only=False
         expected_after = (torch.are_deterministic_algorithms_enabled(),
                           torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic)
-        trainer_mod.train(toy_recipe(tmp_path, "run", max_steps=2, val_every=0, deterministic=True),
+        training.train(toy_recipe(tmp_path, "run", max_steps=2, val_every=0, deterministic=True),
                           console=quiet())
         assert seen == [(True, True, True)] * 2
         after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -288,7 +289,7 @@ def test_deterministic_flag_holds_during_the_run_and_is_restored(tmp_path, toy_d
 
 def test_bad_option_values_are_reported_together(tmp_path, toy_data):
     with pytest.raises(HmerzooError) as err:
-        trainer_mod.train(toy_recipe(tmp_path, "run", accumulate=0, ema_decay=1.0, ema_every=0, ema_start=-1,
+        training.train(toy_recipe(tmp_path, "run", accumulate=0, ema_decay=1.0, ema_every=0, ema_start=-1,
                                      compile=True, compile_backend="no_such_backend"), console=quiet())
     message = str(err.value)
     for key in ("train.accumulate", "train.ema_decay", "train.ema_every", "train.ema_start", "train.compile_backend"):

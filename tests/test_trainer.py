@@ -20,7 +20,8 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 import hmerzoo
-from hmerzoo import trainer as trainer_mod
+from hmerzoo import training
+from hmerzoo.training import setup as training_setup
 from hmerzoo.batch import Batch, pad_images
 from hmerzoo.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_best
 from hmerzoo.data.report import DataReport
@@ -153,7 +154,7 @@ def toy_data(monkeypatch):
     def fake_build_data(recipe, vocab, seed, rank=0, world_size=1):
         return ToyBundle(vocab, seed, **options)
 
-    monkeypatch.setattr(trainer_mod, "build_data", fake_build_data)
+    monkeypatch.setattr(training_setup, "build_data", fake_build_data)
     HOOKS.reset()
     yield options
     HOOKS.reset()
@@ -204,35 +205,35 @@ COSINE = {"type": "cosine", "warmup_steps": 3, "min_lr": 0.01}
 
 # --- exact resume -----------------------------------------------------------------------------------------------
 def test_ctrl_c_mid_epoch_then_resume_is_exact(tmp_path, toy_data):
-    straight = trainer_mod.train(toy_recipe(tmp_path, "straight", sched=COSINE), console=quiet())
+    straight = training.train(toy_recipe(tmp_path, "straight", sched=COSINE), console=quiet())
     HOOKS.reset()
 
     HOOKS.sigint_at_forward = 7  # epoch 2 (5 buckets per epoch), bucket 2
     recipe = toy_recipe(tmp_path, "resumed", sched=COSINE)
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(recipe, console=quiet())
+        training.train(recipe, console=quiet())
     ckpt = latest_checkpoint(tmp_path / "resumed")
     state = torch.load(ckpt.trainer_state, weights_only=True)
     assert (state["step"], state["epoch"], state["position"]) == (7, 1, 2)  # the step in flight was finished
     HOOKS.reset()
-    resumed = trainer_mod.train(recipe, resume="auto", console=quiet())
+    resumed = training.train(recipe, resume="auto", console=quiet())
     assert resumed == tmp_path / "resumed"
     assert_same_run(straight, resumed)
     assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == list(range(1, 16))
 
 
 def test_ctrl_c_during_validation_then_resume_is_exact(tmp_path, toy_data):
-    straight = trainer_mod.train(toy_recipe(tmp_path, "straight", sched=COSINE), console=quiet())
+    straight = training.train(toy_recipe(tmp_path, "straight", sched=COSINE), console=quiet())
     HOOKS.reset()
 
     HOOKS.sigint_at_val_batch = 3  # first batch of the second validation
     recipe = toy_recipe(tmp_path, "resumed", sched=COSINE)
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(recipe, console=quiet())
+        training.train(recipe, console=quiet())
     state = torch.load(latest_checkpoint(tmp_path / "resumed").trainer_state, weights_only=True)
     assert (state["step"], state["epoch"], state["position"]) == (10, 1, 5)  # trained, not yet validated
     HOOKS.reset()
-    trainer_mod.train(recipe, resume="auto", console=quiet())
+    training.train(recipe, resume="auto", console=quiet())
     assert_same_run(straight, tmp_path / "resumed")
 
 
@@ -241,12 +242,12 @@ def test_max_steps_then_resume_with_more_steps_is_exact(tmp_path, toy_data):
     # must halve the rate - which happens only if its state (the first result) survived the resume.
     plateau = {"type": "plateau", "mode": "min", "monitor": "val/loss", "patience": 0, "factor": 0.5,
                "threshold": 100.0, "threshold_mode": "abs"}
-    straight = trainer_mod.train(toy_recipe(tmp_path, "straight", sched=plateau, max_steps=12, ckpt_every=3),
+    straight = training.train(toy_recipe(tmp_path, "straight", sched=plateau, max_steps=12, ckpt_every=3),
                                  console=quiet())
-    first = trainer_mod.train(toy_recipe(tmp_path, "resumed", sched=plateau, max_steps=7, ckpt_every=3),
+    first = training.train(toy_recipe(tmp_path, "resumed", sched=plateau, max_steps=7, ckpt_every=3),
                               console=quiet())
     assert latest_checkpoint(first).step == 7  # max_steps mid-epoch still writes a checkpoint
-    trainer_mod.train(toy_recipe(tmp_path, "resumed", sched=plateau, max_steps=12, ckpt_every=3),
+    training.train(toy_recipe(tmp_path, "resumed", sched=plateau, max_steps=12, ckpt_every=3),
                       resume=str(latest_checkpoint(first).weights), console=quiet())
     assert_same_run(straight, tmp_path / "resumed")
     lrs = {r["step"]: r["lr"] for r in read_metrics(straight) if "lr" in r}
@@ -255,7 +256,7 @@ def test_max_steps_then_resume_with_more_steps_is_exact(tmp_path, toy_data):
 
 # --- what a run leaves behind -----------------------------------------------------------------------------------
 def test_run_directory_checkpoints_best_and_metrics(tmp_path, toy_data):
-    run_dir = trainer_mod.train(toy_recipe(tmp_path, "run", ckpt_every=2, keep_last=2, log_every=2),
+    run_dir = training.train(toy_recipe(tmp_path, "run", ckpt_every=2, keep_last=2, log_every=2),
                                 console=quiet())
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "vocab.json").is_file()
     # 15 steps: step checkpoints at 2, 4, 5 (epoch end), 6, ..., 15; only the last two pairs stay.
@@ -280,14 +281,14 @@ def test_run_directory_checkpoints_best_and_metrics(tmp_path, toy_data):
 
 
 def test_best_by_min_monitor(tmp_path, toy_data):
-    run_dir = trainer_mod.train(toy_recipe(tmp_path, "run", monitor="val/loss", monitor_mode="min", epochs=2),
+    run_dir = training.train(toy_recipe(tmp_path, "run", monitor="val/loss", monitor_mode="min", epochs=2),
                                 console=quiet())
     losses = [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r]
     assert read_best(run_dir)["value"] == pytest.approx(min(losses))
 
 
 def test_grad_clip_limits_the_update(tmp_path, toy_data):
-    run_dir = trainer_mod.train(toy_recipe(tmp_path, "run", grad_clip=1e-3, max_steps=2, val_every=0),
+    run_dir = training.train(toy_recipe(tmp_path, "run", grad_clip=1e-3, max_steps=2, val_every=0),
                                 console=quiet())
     records = read_metrics(run_dir)
     assert all(r["grad_norm"] > 1e-3 for r in records)  # the logged norm is the one before clipping
@@ -295,7 +296,7 @@ def test_grad_clip_limits_the_update(tmp_path, toy_data):
 
 def test_plain_progress_lines_without_a_terminal(tmp_path, toy_data):
     out = io.StringIO()
-    trainer_mod.train(toy_recipe(tmp_path, "run", max_steps=3, val_every=0), console=Console(file=out, width=200))
+    training.train(toy_recipe(tmp_path, "run", max_steps=3, val_every=0), console=Console(file=out, width=200))
     text = out.getvalue()
     assert "step 1/3 epoch 1 loss" in text and "ETA" in text and "\x1b[" not in text
     assert "data: no samples left out" in text
@@ -303,7 +304,7 @@ def test_plain_progress_lines_without_a_terminal(tmp_path, toy_data):
 
 def test_progress_bar_on_a_terminal(tmp_path, toy_data):
     out = io.StringIO()
-    trainer_mod.train(toy_recipe(tmp_path, "run", epochs=1), console=Console(file=out, width=200, force_terminal=True))
+    training.train(toy_recipe(tmp_path, "run", epochs=1), console=Console(file=out, width=200, force_terminal=True))
     text = out.getvalue()
     assert "it/s" in text and "ETA" in text and "lr" in text and "validation epoch 1" in text
 
@@ -311,30 +312,30 @@ def test_progress_bar_on_a_terminal(tmp_path, toy_data):
 def test_fresh_run_refuses_to_overwrite_and_auto_resume_starts_fresh(tmp_path, toy_data):
     recipe = toy_recipe(tmp_path, "run", max_steps=2, val_every=0)
     out = io.StringIO()
-    trainer_mod.train(recipe, resume="auto", console=Console(file=out, width=200))
+    training.train(recipe, resume="auto", console=Console(file=out, width=200))
     assert "no checkpoint" in out.getvalue() and "starting a fresh run" in out.getvalue()
     with pytest.raises(HmerzooError, match="already holds checkpoints.*--resume auto"):
-        trainer_mod.train(recipe, console=quiet())
+        training.train(recipe, console=quiet())
     # resuming a finished run does nothing more
-    trainer_mod.train(recipe, resume="auto", console=quiet())
+    training.train(recipe, resume="auto", console=quiet())
     assert [c.step for c in list_checkpoints(tmp_path / "run")] == [2]
 
 
 def test_non_finite_loss_names_step_and_samples(tmp_path, toy_data):
     HOOKS.nan_at_forward = 3
     with pytest.raises(HmerzooError, match=r"step 3: the loss is nan .* toy_\d_0, toy_\d_1"):
-        trainer_mod.train(toy_recipe(tmp_path, "run", val_every=0), console=quiet())
+        training.train(toy_recipe(tmp_path, "run", val_every=0), console=quiet())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is missing")
 def test_cuda_requested_without_cuda(tmp_path, toy_data):
     with pytest.raises(HmerzooError, match="CUDA is not available"):
-        trainer_mod.train(toy_recipe(tmp_path, "run", device="cuda"), console=quiet())
+        training.train(toy_recipe(tmp_path, "run", device="cuda"), console=quiet())
 
 
 def test_bad_train_settings_are_reported_together(tmp_path, toy_data):
     with pytest.raises(HmerzooError) as err:
-        trainer_mod.train(toy_recipe(tmp_path, "run", precision="fp8", monitor="val/acc", log_every=0),
+        training.train(toy_recipe(tmp_path, "run", precision="fp8", monitor="val/acc", log_every=0),
                           console=quiet())
     message = str(err.value)
     assert "train.precision" in message and "train.monitor" in message and "train.log_every" in message
@@ -342,14 +343,14 @@ def test_bad_train_settings_are_reported_together(tmp_path, toy_data):
 
 def test_plateau_without_validation_warns(tmp_path, toy_data):
     out = io.StringIO()
-    trainer_mod.train(toy_recipe(tmp_path, "run", sched={"type": "plateau"}, val_every=0, max_steps=2),
+    training.train(toy_recipe(tmp_path, "run", sched={"type": "plateau"}, val_every=0, max_steps=2),
                       console=Console(file=out, width=200))
     assert "never validates" in out.getvalue() and "stays constant" in out.getvalue()
 
 
 def test_threads_and_determinism_are_restored(tmp_path, toy_data):
     threads = torch.get_num_threads()
-    trainer_mod.train(toy_recipe(tmp_path, "run", max_steps=1, val_every=0, num_threads=1, deterministic=True),
+    training.train(toy_recipe(tmp_path, "run", max_steps=1, val_every=0, num_threads=1, deterministic=True),
                       console=quiet())
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
@@ -451,13 +452,13 @@ def test_real_data_pipeline_resume_is_exact(tmp_path, sample_root):
                      "batch_size": 4, "num_workers": 0}
         return r
 
-    straight = trainer_mod.train(recipe("straight"), console=quiet())
+    straight = training.train(recipe("straight"), console=quiet())
     HOOKS.reset()
     HOOKS.sigint_at_forward = 2
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(recipe("resumed"), console=quiet())
+        training.train(recipe("resumed"), console=quiet())
     HOOKS.reset()
-    trainer_mod.train(recipe("resumed"), resume="auto", console=quiet())
+    training.train(recipe("resumed"), resume="auto", console=quiet())
     assert_same_run(straight, tmp_path / "resumed")
 
 
@@ -466,7 +467,7 @@ def test_bttr_recipe_trains_validates_and_loads(tmp_path, sample_root):
         f"data.root={sample_root}", "data.val_split='2014'", "data.val_limit=2", "data.max_image_pixels=6000",
         "data.batch_size=2", "data.num_workers=0", "train.epochs=1", "train.val_max_len=4", "train.log_every=1",
         "train.val_every=1", "train.device=cpu", f"train.run_dir={tmp_path / 'bttr'}"])
-    run_dir = trainer_mod.train(recipe, console=quiet())
+    run_dir = training.train(recipe, console=quiet())
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # the 6 smallest images, 2 per bucket
     assert any("val/exprate" in r for r in records)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..batch import Batch, pad_images
 from ..config import DataConfig
-from ..errors import DataError, RecipeError
+from ..errors import DataError
 from ..vocab import Vocabulary
 from .bucketing import make_buckets
 from .crohme import SKIP_HINT, CrohmeDataset, Sample
@@ -125,21 +125,6 @@ def seeded_subset(n: int, k: int, *seed_parts: int) -> list[int]:
     return sorted(torch.randperm(n, generator=seeded_generator(*seed_parts))[:k].tolist())
 
 
-def _check_config(cfg: DataConfig) -> None:
-    problems = []
-    for key in ("batch_size", "max_pixels", "max_image_pixels", "max_len"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"data.{key}: must be >= 1, got {getattr(cfg, key)}")
-    for key in ("val_holdout", "num_workers"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"data.{key}: must be >= 0, got {getattr(cfg, key)}")
-    for key in ("train_limit", "val_limit"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            problems.append(f"data.{key}: must be >= 1 or null, got {getattr(cfg, key)}")
-    if problems:
-        raise RecipeError(problems)
-
-
 def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int = 0,
                       world_size: int = 1) -> DataBundle:
     """Training and validation loaders from the recipe's ``data:`` section.
@@ -151,8 +136,7 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     order wraps around); validation buckets too, without repeats (rank r takes buckets r, r+W, ...; the trainer sums
     the ranks' counts).
     """
-    _check_config(cfg)
-    report = DataReport()
+    report = DataReport()  # cfg's values were range-checked when it was built (DataConfig.problems)
     train_full = CrohmeDataset(cfg.root, cfg.train_split, vocab, skip_bad=cfg.skip_bad, report=report)
 
     # validation samples

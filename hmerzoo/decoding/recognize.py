@@ -21,20 +21,13 @@ from ..batch import pad_images
 from ..config import DecodeConfig
 from .modes import SearchResult, mode_function, search
 
-BATCHING = ("per_image", "padded")
-
 
 def decode_config(recipe: dict | None, **overrides: Any) -> DecodeConfig:
     """The recipe's ``decode:`` section over DecodeConfig's defaults, then every override that is not None."""
     values = dict((recipe or {}).get("decode") or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    config = DecodeConfig(**values)
-    if config.batching not in BATCHING:
-        raise ValueError(f"decode.batching must be one of {', '.join(BATCHING)}, got {config.batching!r}")
+    config = DecodeConfig(**values)  # checks its own values (a SectionError, also a ValueError)
     mode_function(config.mode)  # unknown modes fail before any image is read
-    for name in ("beam_size", "max_len", "batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"decode.{name} must be at least 1, got {getattr(config, name)}")
     return config
 
 
