@@ -82,7 +82,7 @@ def test_unknown_keys_and_types_all_reported_with_suggestions():
         validate_recipe(r)
     msg = str(e.value)
     assert "5 problems" in msg
-    assert "train.max_step: unknown key (did you mean 'max_steps'?)" in msg
+    assert "train.max_step: unknown key (did you mean 'max_steps'" in msg
     assert "model.decoder.nheads: unknown argument" in msg and "did you mean 'nhead'" in msg
     assert "data.batch_size: expected int, got str 'eight'" in msg
     assert "optim.type: unknown optimizer 'adadeltaa' (did you mean 'adadelta'?)" in msg

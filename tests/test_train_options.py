@@ -12,6 +12,7 @@ from rich.console import Console
 
 import hmerzoo
 from hmerzoo import training
+from hmerzoo.training import greedy_validation
 from hmerzoo.training import loop as training_loop
 from hmerzoo.batch import Batch, pad_images
 from hmerzoo.checkpoint import latest_checkpoint, list_checkpoints, load_weights, read_best
