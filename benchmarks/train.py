@@ -34,7 +34,8 @@ from hmerzoo.config import DataConfig, make_section  # noqa: E402
 from hmerzoo.errors import HmerzooError  # noqa: E402
 from hmerzoo.recipe import load_recipe, validate_recipe  # noqa: E402
 from hmerzoo.registry import OPTIMIZERS  # noqa: E402
-from hmerzoo.trainer import resolve_device, resolve_precision, seed_everything, train_step  # noqa: E402
+from hmerzoo.runtime import resolve_device, resolve_precision, seed_everything  # noqa: E402
+from hmerzoo.training import train_step  # noqa: E402
 
 BASELINE_IMAGES_PER_S = 1.32  # official CoMER: bucket of 8 at 140x482, fp32, SGD, 2 CPU threads
 BASELINE_SHAPE = (140, 482)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         seed_everything(int(recipe.get("seed") or 7))
         batch, names = pick_bucket(root, recipe, BASELINE_SHAPE, BUCKET_SIZE)
-        model = build_model(recipe).to(device).train()
+        model = build_model(recipe, validate=False).to(device).train()  # validated just above
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_component(OPTIMIZERS, recipe["optim"], "optim", {"params": params})
         grad_clip = (recipe.get("train") or {}).get("grad_clip")
