@@ -244,7 +244,7 @@ def test_invalid_yaml_names_line_and_column(capsys, recipe):
 def test_unknown_key(capsys, recipe, run_dir):
     before = snapshot(run_dir)
     status, output = hmerzoo_cli(capsys, "train", recipe, "train.max_step=3", "--resume", "auto")
-    assert_clean_error(status, output, "train.max_step: unknown key", "did you mean 'max_steps'?")
+    assert_clean_error(status, output, "train.max_step: unknown key", "did you mean 'max_steps'")
     assert snapshot(run_dir) == before
 
 
