@@ -16,7 +16,8 @@ import yaml
 
 from . import config as C
 from .errors import RecipeError, did_you_mean
-from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, OPTIMIZERS, SCHEDULERS, Registry, import_modules
+from .registry import (DATASETS, DECODERS, ENCODERS, HEADS, LOSSES, NECKS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, Registry,
+                       import_modules)
 
 TOP_LEVEL = ["extends", "name", "description", "seed", "imports", "vocab", "data", "model", "loss", "optim",
              "sched", "train", "decode"]
@@ -175,6 +176,13 @@ def component_slots(recipe: dict) -> list[tuple[str, Registry, str, Any]]:
     for key, reg in (("loss", LOSSES), ("optim", OPTIMIZERS), ("sched", SCHEDULERS)):
         if recipe.get(key) is not None:
             slots.append((key, reg, key, recipe[key]))
+    data = recipe.get("data")
+    if isinstance(data, dict):
+        for key in ("augment", "transforms"):
+            if isinstance(data.get(key), list):
+                for i, node in enumerate(data[key]):
+                    node = {"type": node} if isinstance(node, str) else node  # a bare name: no arguments
+                    slots.append((f"data.{key}[{i}]", TRANSFORMS, key, node))
     return slots
 
 
@@ -261,6 +269,12 @@ def validate_recipe(recipe: dict, source: str | None = None) -> None:
             continue
         kwargs = {k: v for k, v in node.items() if k not in NODE_KEYS}
         problems += signature_problems(obj, kwargs, path, INJECTED.get(group, set()))
+    dataset = recipe["data"].get("dataset") if isinstance(recipe.get("data"), dict) else None
+    if isinstance(dataset, str):
+        try:
+            DATASETS.get(dataset, "data.dataset")
+        except RecipeError as e:
+            problems.extend(e.problems)
     if problems:
         raise RecipeError(problems, source)
 

@@ -15,14 +15,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..batch import Batch, pad_images
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, RecipeError
+from ..registry import DATASETS, TRANSFORMS
 from ..vocab import Vocabulary
 from .bucketing import make_buckets
 from .crohme import SKIP_HINT, CrohmeDataset, Sample
 from .report import DataReport
 from .sampler import (TAG_AUGMENT, TAG_HOLDOUT, TAG_TRAIN_LIMIT, TAG_VAL_LIMIT, BucketSampler, EpochTaggedSampler,
                       seeded_generator)
-from .transforms import ScaleAugmentation, ScaleToLimitRange
+from .transforms import Compose, ScaleAugmentation, ScaleToLimitRange
 
 TAG_LOADER = 6
 
@@ -125,6 +126,20 @@ def seeded_subset(n: int, k: int, *seed_parts: int) -> list[int]:
     return sorted(torch.randperm(n, generator=seeded_generator(*seed_parts))[:k].tolist())
 
 
+def chain_transforms(built_in: list, entries: list | None, key: str) -> Transform | None:
+    """The built-in transforms, then those a recipe names (data.augment / data.transforms: a registered name or
+    {type: name, arg: value}); None when there are none."""
+    chain = [t for t in built_in if t is not None]
+    for i, node in enumerate(entries or []):
+        node = {"type": node} if isinstance(node, str) else dict(node)
+        cls = TRANSFORMS.get(node.pop("type", None), f"data.{key}[{i}].type")
+        try:
+            chain.append(cls(**node))
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"data.{key}[{i}]: {e}") from None
+    return None if not chain else chain[0] if len(chain) == 1 else Compose(chain)
+
+
 def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int = 0,
                       world_size: int = 1) -> DataBundle:
     """Training and validation loaders from the recipe's ``data:`` section.
@@ -137,7 +152,8 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     the ranks' counts).
     """
     report = DataReport()  # cfg's values were range-checked when it was built (DataConfig.problems)
-    train_full = CrohmeDataset(cfg.root, cfg.train_split, vocab, skip_bad=cfg.skip_bad, report=report)
+    dataset_cls = DATASETS.get(cfg.dataset, "data.dataset")
+    train_full = dataset_cls(cfg.root, cfg.train_split, vocab, skip_bad=cfg.skip_bad, report=report)
 
     # validation samples
     val_set: CrohmeDataset | None = None
@@ -152,7 +168,7 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
             val_set = train_full.select(sorted(held))
             train_indices = [i for i in train_indices if i not in held]
     else:
-        val_set = CrohmeDataset(cfg.root, cfg.val_split, vocab, skip_bad=cfg.skip_bad, report=report)
+        val_set = dataset_cls(cfg.root, cfg.val_split, vocab, skip_bad=cfg.skip_bad, report=report)
     if val_set is not None and cfg.val_limit is not None:
         val_set = val_set.select(seeded_subset(len(val_set), cfg.val_limit, seed, TAG_VAL_LIMIT))
 
@@ -168,8 +184,8 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     if not train_buckets:
         raise DataError(f"{train_set.caption_where}: no training samples left after data.max_len={cfg.max_len} "
                         f"and data.max_image_pixels={cfg.max_image_pixels}; raise these limits\n{report.summary()}")
-    limit = ScaleToLimitRange() if cfg.scale_to_limit else None
-    augment = ScaleAugmentation() if cfg.scale_aug else None
+    limit = chain_transforms([ScaleToLimitRange() if cfg.scale_to_limit else None], cfg.transforms, "transforms")
+    augment = chain_transforms([ScaleAugmentation() if cfg.scale_aug else None], cfg.augment, "augment")
 
     train_data = BucketDataset(train_set, train_buckets, transform=limit, augment=augment, seed=seed,
                                skip_bad=cfg.skip_bad)
