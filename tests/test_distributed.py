@@ -32,7 +32,7 @@ from rich.console import Console
 import hmerzoo
 from hmerzoo import cli
 from hmerzoo.builder import build_component, build_model
-from hmerzoo.checkpoint import latest_checkpoint, load_trainer_state, load_weights
+from hmerzoo.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, load_weights
 from hmerzoo.data import BucketSampler
 from hmerzoo.data.loaders import collate_bucket
 from hmerzoo.distributed import ENV_RELAUNCHED, strip_nproc_flag, torchrun_argv
@@ -213,6 +213,22 @@ def _resume_worker(rank: int, world: int, store: str, recipes: dict) -> None:
         train_run(recipes["straight"], console=quiet)
         train_run(recipes["part"], console=quiet)
         train_run(recipes["rest"], resume="auto", console=quiet)
+        # train.max_time: only rank 1's clock moves (10 s per optimizer step), so only rank 1 is past the 15 s budget
+        # after step 2; rank 0 must stop after that same step too, or the next step's collectives would hang.
+        from hmerzoo.training import loop, stopping
+
+        steps = [0]
+        real_step = loop.train_step
+
+        def counting_step(*args, **kwargs):
+            steps[0] += 1
+            return real_step(*args, **kwargs)
+
+        loop.train_step = counting_step
+        stopping.now = lambda: 10.0 * steps[0] if rank == 1 else 0.0
+        train_run(recipes["timed"], console=quiet)
+        loop.train_step, stopping.now = real_step, lambda: 0.0
+        train_run(recipes["timed_rest"], resume="auto", console=quiet)
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
@@ -233,6 +249,9 @@ def test_resume_with_two_processes_is_exact(sample_root, tmp_path):
         "part": hmerzoo.load_recipe("bttr", tiny_overrides(sample_root, tmp_path / "resumed", dropout=0.3,
                                                            max_steps=1)),
         "rest": hmerzoo.load_recipe("bttr", tiny_overrides(sample_root, tmp_path / "resumed", dropout=0.3)),
+        "timed": hmerzoo.load_recipe("bttr", tiny_overrides(sample_root, tmp_path / "timed", dropout=0.3,
+                                                            max_time="15s")),
+        "timed_rest": hmerzoo.load_recipe("bttr", tiny_overrides(sample_root, tmp_path / "timed", dropout=0.3)),
     }
     mp.spawn(_resume_worker, args=(WORLD, str(tmp_path / "store"), recipes), nprocs=WORLD, join=True)
 
@@ -242,6 +261,9 @@ def test_resume_with_two_processes_is_exact(sample_root, tmp_path):
     straight, resumed = without_speed(tmp_path / "straight"), without_speed(tmp_path / "resumed")
     assert [r["step"] for r in straight] == [1, 2, 2, 3]
     assert straight == resumed
+    # the max_time stop: both ranks stopped after step 2 (rank 0 wrote its checkpoint), and the resume is exact
+    assert [c.step for c in list_checkpoints(tmp_path / "timed")] == [2, 3]
+    assert without_speed(tmp_path / "timed") == straight
     a, b = load_weights(latest_checkpoint(tmp_path / "straight").weights), \
         load_weights(latest_checkpoint(tmp_path / "resumed").weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
