@@ -41,7 +41,7 @@ def _import(mods: Sequence[str] | None) -> None:
 # --- commands -------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import load_recipe, validate_recipe
-    from .trainer import train
+    from .training import train
 
     _import(args.imports)
     recipe = load_recipe(args.recipe, _split_overrides(args.overrides))

@@ -9,7 +9,7 @@ Launch::
 Every process reads RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR / MASTER_PORT, through ``env://``) from the
 environment torchrun sets, joins the process group (NCCL on CUDA, one GPU per process: ``cuda:LOCAL_RANK``; gloo on
 CPU) and trains its shard of whole buckets; gradients are averaged by DDP. With WORLD_SIZE 1 (or no torchrun) the
-trainer runs as a single process, exactly as before. The loop's use of all this is in :mod:`hmerzoo.trainer`.
+trainer runs as a single process, exactly as before. The loop's use of all this is in :mod:`hmerzoo.training`.
 """
 from __future__ import annotations
 
