@@ -13,6 +13,9 @@ from typing import Any, Iterable
 
 import torch
 
+# the directory layout is checkpoint.py's (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE stay importable from here)
+from .checkpoint import (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE, WEIGHTS_SUFFIX, find_model_dir, find_weights,
+                         load_weights)
 from .errors import CheckpointError, DataError, RecipeError
 from .model import HMERModel
 from .recipe import load_recipe, validate_recipe
@@ -20,9 +23,6 @@ from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, Registry
 from .vocab import Vocabulary
 
 DEFAULT_LOSS = {"type": "cross_entropy"}
-RECIPE_FILE = "recipe.yaml"
-VOCAB_FILE = "vocab.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def build_component(reg: Registry, node: dict, path: str, injected: dict[str, Any] | None = None) -> Any:
@@ -111,39 +111,14 @@ def _out_channels(module: Any, path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def find_weights(path: Path) -> Path:
-    """The weights file a model directory or run directory stands for."""
-    if path.is_file():
-        return path
-    for cand in (path / WEIGHTS_FILE, path / "checkpoints" / "best.safetensors"):
-        if cand.is_file():
-            return cand
-    steps = sorted((path / "checkpoints").glob("step-*.safetensors"))
-    if steps:
-        return steps[-1]
-    raise CheckpointError(f"{path}: no weights found (looked for {WEIGHTS_FILE}, checkpoints/best.safetensors, "
-                          "checkpoints/step-*.safetensors); is this a run directory or the output of 'hmerzoo convert'?")
-
-
-def find_model_dir(path: Path) -> Path:
-    """The directory holding recipe.yaml for a model directory, run directory or weights file inside one."""
-    for d in [path] + list(path.parents)[:3]:
-        if (d / RECIPE_FILE).is_file():
-            return d
-    raise CheckpointError(f"{path}: no {RECIPE_FILE} here or in the folders above; load_model takes a run "
-                          "directory or the output directory of 'hmerzoo convert'")
-
-
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", weights: str | None = None) -> HMERModel:
     """Load a trained or converted model: its recipe, vocabulary and weights, in eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: does not exist")
     model_dir = find_model_dir(path if path.is_dir() else path.parent)
     weights_path = Path(weights) if weights else find_weights(path)
-    if weights_path.suffix != ".safetensors":
+    if weights_path.suffix != WEIGHTS_SUFFIX:
         raise CheckpointError(f"{weights_path}: load_model reads .safetensors weights only; "
                               "use 'hmerzoo convert' for official checkpoints")
     vocab_path = model_dir / VOCAB_FILE
@@ -151,10 +126,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"{model_dir}: {VOCAB_FILE} is missing; the model's vocabulary is stored there")
     vocab = Vocabulary.load(str(vocab_path))
     model = build_model(model_dir / RECIPE_FILE, vocab=vocab)
-    try:
-        state = load_file(str(weights_path), device=str(map_location))
-    except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise CheckpointError(f"{weights_path}: cannot read the weights ({e})") from None
+    state = load_weights(weights_path, device=map_location)
     load_state_dict_checked(model, state, str(weights_path))
     model.to(map_location)
     model.eval()

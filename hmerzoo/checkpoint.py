@@ -1,6 +1,8 @@
-"""Checkpoints of a run directory: atomic writes, complete pairs, keep-last-N, best, RNG states.
+"""The directories hmerzoo writes, and checkpoints of a run: atomic writes, complete pairs, keep-last-N, best,
+RNG states.
 
-Layout under ``<run_dir>/checkpoints/``::
+A model directory (the output of ``hmerzoo convert``) holds ``recipe.yaml``, ``vocab.json`` and
+``model.safetensors``; a run directory holds ``recipe.yaml``, ``vocab.json`` and, under ``<run_dir>/checkpoints/``::
 
     step-00001200.safetensors    model weights (state_dict) - written first
     step-00001200.trainer.pt     trainer state - written last: a pair is complete only when this file exists
@@ -29,6 +31,9 @@ import torch
 
 from .errors import CheckpointError
 
+RECIPE_FILE = "recipe.yaml"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "model.safetensors"  # a model directory's weights
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_SUFFIX = ".safetensors"
 TRAINER_SUFFIX = ".trainer.pt"
@@ -140,6 +145,31 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
         raise CheckpointError(f"{path}: cannot read the weights ({e})") from None
+
+
+def find_weights(path: Path) -> Path:
+    """The weights file a model directory or run directory stands for: model.safetensors, else the best weights,
+    else the newest step's (a weights file stands for itself)."""
+    if path.is_file():
+        return path
+    for cand in (path / WEIGHTS_FILE, checkpoint_dir(path) / BEST_WEIGHTS):
+        if cand.is_file():
+            return cand
+    steps = list_checkpoints(path, complete_only=False)  # an evaluation needs no trainer state
+    if steps:
+        return steps[-1].weights
+    raise CheckpointError(f"{path}: no weights found (looked for {WEIGHTS_FILE}, {CHECKPOINT_DIR}/{BEST_WEIGHTS}, "
+                          f"{CHECKPOINT_DIR}/step-*{WEIGHTS_SUFFIX}); is this a run directory or the output of "
+                          "'hmerzoo convert'?")
+
+
+def find_model_dir(path: Path) -> Path:
+    """The directory holding recipe.yaml for a model directory, run directory or weights file inside one."""
+    for d in [path] + list(path.parents)[:3]:
+        if (d / RECIPE_FILE).is_file():
+            return d
+    raise CheckpointError(f"{path}: no {RECIPE_FILE} here or in the folders above; load_model takes a run "
+                          "directory or the output directory of 'hmerzoo convert'")
 
 
 # --- trainer state ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Sequence
 from .errors import HmerzooError
 
 LIST_KINDS = ["encoders", "necks", "decoders", "heads", "losses", "optimizers", "schedulers", "datasets",
-              "transforms", "recipes"]
+              "transforms", "converters", "recipes"]
 
 
 def _console():
@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from . import components  # noqa: F401
+    from . import components, convert  # noqa: F401  (importing them registers the built-in entries)
     from .recipe import list_recipes
     from .registry import ALL
 
@@ -108,7 +108,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import CONVERTERS, convert
+    from .convert import convert
 
     out = convert(args.model, args.official, args.out, dictionary=args.dictionary)
     print(f"wrote {out} (load it with hmerzoo.load_model('{out}'))")
@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     cv = sub.add_parser("convert", help="convert an official checkpoint into a hmerzoo model directory")
-    cv.add_argument("model", help="which official implementation the checkpoint comes from (e.g. bttr)")
+    cv.add_argument("model", help="which official implementation the checkpoint comes from: bttr, comer, hmer_mtl, "
+                                  "abm ('hmerzoo list converters')")
     cv.add_argument("official", help="official checkpoint (.ckpt / .pkl / .safetensors with the official keys)")
     cv.add_argument("--out", required=True, help="output directory (load it with hmerzoo.load_model)")
     cv.add_argument("--dictionary", default=None, help="the model's dictionary.txt (default: the one beside it)")

@@ -1,7 +1,8 @@
 """Component registries.
 
 One :class:`Registry` per slot of a recipe (encoders, necks, decoders, heads, losses, optimizers, schedulers,
-datasets, transforms). Components register themselves where they are defined::
+datasets, transforms), and one for the official checkpoint formats ``hmerzoo convert`` reads (converters).
+Components register themselves where they are defined::
 
     from hmerzoo.registry import DECODERS
 
@@ -107,6 +108,8 @@ OPTIMIZERS = Registry("optimizer", "OPTIMIZERS")
 SCHEDULERS = Registry("scheduler", "SCHEDULERS")
 DATASETS = Registry("dataset", "DATASETS")
 TRANSFORMS = Registry("transform", "TRANSFORMS")
+# official checkpoint formats ``hmerzoo convert NAME`` reads; filled by the modules of hmerzoo.convert
+CONVERTERS = Registry("converter", "CONVERTERS")
 
 ALL = {
     "encoders": ENCODERS,
@@ -118,6 +121,7 @@ ALL = {
     "schedulers": SCHEDULERS,
     "datasets": DATASETS,
     "transforms": TRANSFORMS,
+    "converters": CONVERTERS,
 }
 
 

@@ -1,13 +1,12 @@
 """ABM: the official weights, converted, reproduce the official outputs, losses and beam search.
 
-Fixture-dependent tests skip when ../shared/fixtures/parity/abm is absent (override with $HMERZOO_SHARED).
-ABM's own conventions hold throughout: its vocabulary (sos = 0, eos = 1, no padding token), float masks with
-1 = valid in the golden inputs (hmerzoo's masks are True = padding), time-major golden targets.
+Fixture-dependent tests skip when ../shared/fixtures/parity/abm is absent (``parity_dir`` in conftest.py; override
+with $HMERZOO_SHARED); the checks the four systems share are in parity_harness.py. ABM's own conventions hold
+throughout: its vocabulary (sos = 0, eos = 1, no padding token), float masks with 1 = valid in the golden inputs
+(hmerzoo's masks are True = padding), time-major golden targets.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,76 +19,44 @@ from hmerzoo.batch import Batch
 from hmerzoo.builder import build_model
 from hmerzoo.config import DecodeConfig
 from hmerzoo.convert import convert, convert_state_dict_abm
-from hmerzoo.decoding.modes import abm_direction
 from hmerzoo.errors import CheckpointError
 from hmerzoo.sequence import IGNORE_INDEX
+from parity_harness import TOL, check_converted_model, check_incremental, check_single_image_scores, encode, load_fixture
 
-SHARED = Path(os.environ.get("HMERZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-FIXTURES = SHARED / "fixtures/parity/abm"
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "state_dict.safetensors").is_file(),
-    reason=f"ABM parity fixtures not found at {FIXTURES} (set HMERZOO_SHARED to the folder holding fixtures/parity)")
-
-TOL = dict(atol=1e-4, rtol=1e-4)
 ATTENTION_TOL = dict(atol=1e-5, rtol=1e-5)  # meta.json's suggestion for the attention maps
 OFFICIAL_PARAMETERS = 8_428_988  # meta.json parameter_count.parameters (buffers not counted)
 BEAM = DecodeConfig(mode="abm", beam_size=10, max_len=1000, alpha=1.0)  # test.sh -k 10, test.py maxlen=1000
 END_TOKEN = {"l2r": 1, "r2l": 0}  # eos ends an L2R sample, sos an R2L one
 
 
-@pytest.fixture(scope="module")
-def fixture_data() -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((FIXTURES / "meta.json").read_text())
-    return {"meta": meta, "golden": load_file(str(FIXTURES / "golden.safetensors")),
-            "official": load_file(str(FIXTURES / "state_dict.safetensors")),
-            "scores": json.loads((FIXTURES / "single_image_scores.json").read_text()),
-            "tokens": [s["token_ids"] for s in meta["samples"]]}
+def abm_batch(golden: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return golden["input.x"], golden["input.x_mask"] < 0.5  # official 1 = valid -> True = padding
 
 
-@pytest.fixture(scope="module")
-def converted_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert("abm", FIXTURES / "state_dict.safetensors", tmp_path_factory.mktemp("abm_converted"))
+@pytest.fixture
+def abm(parity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return load_fixture(parity_dir / "abm", "abm", tmp_path_factory, batch=abm_batch)
 
 
-@pytest.fixture(scope="module")
-def model(converted_dir: Path) -> hmerzoo.model.HMERModel:
-    return hmerzoo.load_model(converted_dir)
-
-
-@pytest.fixture(scope="module")
-def encoded(model, fixture_data) -> tuple[torch.Tensor, torch.Tensor]:
-    golden = fixture_data["golden"]
-    with torch.no_grad():
-        return model.encode(golden["input.x"], golden["input.x_mask"] < 0.5)  # official 1 = valid -> True = pad
-
-
-def test_converted_directory(converted_dir: Path, model, fixture_data) -> None:
-    assert {p.name for p in converted_dir.iterdir()} == {"recipe.yaml", "vocab.json", "model.safetensors"}
-    assert not model.training
-    official_vocab = json.loads((FIXTURES / "vocab.json").read_text())
-    assert model.vocab.tokens == [official_vocab[str(i)] for i in range(len(official_vocab))]
-    assert model.vocab.special_ids == {"pad_id": None, "sos_id": 0, "eos_id": 1}
-    assert fixture_data["meta"]["parameter_count"]["parameters"] == OFFICIAL_PARAMETERS
-    assert model.num_parameters() == OFFICIAL_PARAMETERS
-    recipe = model.recipe
+def test_converted_directory(abm: dict) -> None:
+    check_converted_model(abm, OFFICIAL_PARAMETERS, {"pad_id": None, "sos_id": 0, "eos_id": 1})
+    recipe = abm["model"].recipe
     assert recipe["model"]["decoder"]["directions"] == ["l2r", "r2l"]
     assert recipe["model"]["decoder"]["coverage_kernels"] == [11, 5]
     assert recipe["model"]["encoder"]["stem_norm"] is False and recipe["model"]["encoder"]["post_norm"] is False
     assert recipe["decode"]["mode"] == "abm"
 
 
-def test_encoder_features(encoded, fixture_data) -> None:
-    golden = fixture_data["golden"]
-    memory, mask = encoded
+def test_encoder_features(abm: dict) -> None:
+    golden = abm["golden"]
+    memory, mask = encode(abm)
     assert torch.equal(~mask, golden["enc_mask"].bool())
     torch.testing.assert_close(memory, golden["enc_feature"], **TOL)
 
 
-def test_teacher_forced_logits_and_attention(model, encoded, fixture_data) -> None:
-    golden, tokens = fixture_data["golden"], fixture_data["tokens"]
-    memory, mask = encoded
+def test_teacher_forced_logits_and_attention(abm: dict) -> None:
+    model, golden, tokens = abm["model"], abm["golden"], abm["tokens"]
+    memory, mask = encode(abm)
     with torch.no_grad():
         out = model.decoder(memory, mask, tokens)
     assert out.directions == ["l2r", "l2r", "r2l", "r2l"]
@@ -112,8 +79,8 @@ def test_teacher_forced_logits_and_attention(model, encoded, fixture_data) -> No
             torch.testing.assert_close(logits, golden[f"logits_{direction}"], **TOL)
 
 
-def test_initial_state_of_single_images(model, fixture_data) -> None:
-    golden = fixture_data["golden"]
+def test_initial_state_of_single_images(abm: dict) -> None:
+    model, golden = abm["model"], abm["golden"]
     for i in range(2):
         image = golden[f"input.img{i}_single"]
         with torch.no_grad():
@@ -123,40 +90,16 @@ def test_initial_state_of_single_images(model, fixture_data) -> None:
                 torch.testing.assert_close(state.hidden, golden[f"img{i}_init_state_{direction}"], **TOL)
 
 
-def test_score_single_images(model, fixture_data) -> None:
-    from PIL import Image
-
-    cases = fixture_data["scores"]["cases"]
-    images = [Image.open(FIXTURES / c["image_file"]) for c in cases]
-    captions = [c["caption"] for c in cases]
-    for direction in ("l2r", "r2l"):
-        scores = model.score(images, captions, direction=direction)
-        expected = torch.tensor([c[f"{direction}_logprob"] for c in cases], dtype=torch.float32)
-        torch.testing.assert_close(scores, expected, atol=1e-3, rtol=0)
+def test_score_single_images(abm: dict) -> None:
+    check_single_image_scores(abm)
 
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
-def test_incremental_equals_teacher_forced(model, encoded, fixture_data, direction: str) -> None:
-    tokens = fixture_data["tokens"]
-    memory, mask = encoded
-    decoder = model.decoder
-    with torch.no_grad():
-        teacher, targets = decoder.teacher_forced(memory, mask, tokens, direction)
-        inputs, _ = decoder._teacher_forcing(tokens, direction, memory.device)
-        state = decoder.init_state(memory, mask, direction)
-        order = torch.arange(2)
-        stepped = []
-        for t in range(inputs.shape[1]):
-            if t == 3:  # beam bookkeeping: swap the rows mid-way
-                order = order.flip(0)
-                state = decoder.reorder_state(state, torch.tensor([1, 0]))
-            logits, state = decoder.step(state, inputs[order, t])
-            out = torch.empty_like(logits)
-            out[order] = logits
-            stepped.append(out)
-    stepped_t = torch.stack(stepped, dim=1)
-    valid = targets != IGNORE_INDEX  # past its end a row's teacher-forced state is frozen; stepping does not know
-    torch.testing.assert_close(stepped_t[valid], teacher[valid], **TOL)
+def test_incremental_equals_teacher_forced(abm: dict, direction: str) -> None:
+    # ABM pads its inputs with the direction's start token; past its end a row's teacher-forced state is frozen,
+    # which stepping does not know, so only the target positions are compared
+    inputs, _ = abm["model"].decoder._teacher_forcing(abm["tokens"], direction, torch.device("cpu"))
+    check_incremental(abm, direction, reorder_at=3, inputs=inputs, valid_only=True)
 
 
 def _official_samples(golden: dict, image: int, direction: str) -> tuple[list[list[int]], torch.Tensor]:
@@ -172,11 +115,11 @@ def _as_official(hypothesis, direction: str) -> list[int]:
 
 
 @pytest.mark.parametrize("image", [0, 1])
-def test_beam_search_reproduces_the_official_l2r_search(model, fixture_data, image: int) -> None:
+def test_beam_search_reproduces_the_official_l2r_search(abm: dict, image: int) -> None:
     """decode.mode abm through model.recognize: every finished sample in finishing order, its cost, the choice.
     The fixture weights are not a trained model: image 0 decodes to its label twice over and image 1 to image 0's
     label, exactly as the official code does with them."""
-    golden = fixture_data["golden"]
+    model, golden = abm["model"], abm["golden"]
     samples, costs = _official_samples(golden, image, "l2r")
     result = model.recognize(golden[f"input.img{image}_single"][0], beam_size=10, max_len=1000, mode="abm")[0]
     assert [_as_official(h, "l2r") for h in result.hypotheses] == samples
@@ -189,8 +132,11 @@ def test_beam_search_reproduces_the_official_l2r_search(model, fixture_data, ima
 
 
 @pytest.mark.parametrize("image", [0, 1])
-def test_beam_search_reproduces_the_official_r2l_search(model, fixture_data, image: int) -> None:
-    golden = fixture_data["golden"]
+def test_beam_search_reproduces_the_official_r2l_search(abm: dict, image: int) -> None:
+    # the model API has no ABM search from right to left (decode.mode abm is L2R, as the official test.py)
+    from hmerzoo.decoding.modes import abm_direction
+
+    model, golden = abm["model"], abm["golden"]
     samples, costs = _official_samples(golden, image, "r2l")
     picture = golden[f"input.img{image}_single"]
     with torch.no_grad():
@@ -226,9 +172,9 @@ def _fixture_batch(golden: dict, tokens: list[list[int]]) -> Batch:
     return Batch(images=golden["input.x"], image_mask=golden["input.x_mask"] < 0.5, tokens=tokens)
 
 
-def test_losses_match_train_py(converted_dir: Path, fixture_data) -> None:
-    golden, tokens = fixture_data["golden"], fixture_data["tokens"]
-    model = hmerzoo.load_model(converted_dir)
+def test_losses_match_train_py(abm: dict) -> None:
+    golden, tokens = abm["golden"], abm["tokens"]
+    model = hmerzoo.load_model(abm["converted"])
     with torch.no_grad():
         out = model(_fixture_batch(golden, tokens))
     ce, kl = _official_losses(golden)
@@ -239,10 +185,10 @@ def test_losses_match_train_py(converted_dir: Path, fixture_data) -> None:
 
 
 @pytest.mark.parametrize("override", ["model.heads.distill=null", "model.heads.distill.weight=0"])
-def test_distillation_off_changes_only_the_loss(converted_dir: Path, fixture_data, override: str) -> None:
+def test_distillation_off_changes_only_the_loss(abm: dict, override: str) -> None:
     from safetensors.torch import load_file
 
-    golden, tokens = fixture_data["golden"], fixture_data["tokens"]
+    golden, tokens, converted_dir = abm["golden"], abm["tokens"], abm["converted"]
     state = load_file(str(converted_dir / "model.safetensors"))
     with_kd = hmerzoo.load_model(converted_dir)
     without_kd = build_model(converted_dir / "recipe.yaml", [override], vocab=with_kd.vocab)
@@ -261,20 +207,20 @@ def test_distillation_off_changes_only_the_loss(converted_dir: Path, fixture_dat
 
 # ---------------------------------------------------------------------------------------------------------------
 # conversion from the official file kind, and refusals
-def test_official_pkl_converts(tmp_path: Path, converted_dir: Path, fixture_data) -> None:
+def test_official_pkl_converts(tmp_path: Path, abm: dict) -> None:
     """train.py writes torch.save(model.state_dict()) to a .pkl: read with weights_only=True (no code runs)."""
     from safetensors.torch import load_file
 
     pkl = tmp_path / "ABM_params162_lr0.03125_56.75.pkl"
-    torch.save(fixture_data["official"], pkl)
-    shutil.copy(FIXTURES / "dictionary.txt", tmp_path / "dictionary.txt")
+    torch.save(abm["official"], pkl)
+    shutil.copy(abm["dir"] / "dictionary.txt", tmp_path / "dictionary.txt")
     out = convert("abm", pkl, tmp_path / "out")
-    a, b = load_file(str(out / "model.safetensors")), load_file(str(converted_dir / "model.safetensors"))
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(abm["converted"] / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_key_mapping(fixture_data) -> None:
-    official = fixture_data["official"]
+def test_key_mapping(abm: dict) -> None:
+    official = abm["official"]
     ours = convert_state_dict_abm(official)
     # every official tensor is used once; each GRU's three gate layers became one
     assert len(ours) == len(official) - 2 * 6 * 2  # per branch: 6 packed tensors from 18
@@ -289,9 +235,9 @@ def test_key_mapping(fixture_data) -> None:
     assert all(k.startswith(("encoder.", "decoder.l2r.")) for k in convert_state_dict_abm(l2r_only))
 
 
-def test_wrong_dictionary_is_refused(tmp_path: Path) -> None:
+def test_wrong_dictionary_is_refused(tmp_path: Path, abm: dict) -> None:
     plain = tmp_path / "dictionary.txt"  # a BTTR-style dictionary: no 'sos'/'eos' entries
     plain.write_text("\n".join(line.split()[0] for line in
-                               FIXTURES.joinpath("dictionary.txt").read_text().splitlines()[2:]) + "\n")
+                               abm["dir"].joinpath("dictionary.txt").read_text().splitlines()[2:]) + "\n")
     with pytest.raises(CheckpointError, match="not an ABM dictionary"):
-        convert("abm", FIXTURES / "state_dict.safetensors", tmp_path / "out", dictionary=plain)
+        convert("abm", abm["dir"] / "state_dict.safetensors", tmp_path / "out", dictionary=plain)

@@ -1,13 +1,12 @@
 """BTTR: the official weights, converted, reproduce the official outputs; incremental decoding equals teacher forcing.
 
-Fixture-dependent tests skip when ../shared/fixtures/parity/bttr is absent (override with $HMERZOO_SHARED).
-Logits are compared at every position, ``<pad>`` inputs included: the decoder masks padded inputs exactly like
-the official ``tgt_key_padding_mask``, so nothing needs slicing.
+Fixture-dependent tests skip when ../shared/fixtures/parity/bttr is absent (``parity_dir`` in conftest.py; override
+with $HMERZOO_SHARED); the checks the four systems share are in parity_harness.py. Logits are compared at every
+position, ``<pad>`` inputs included: the decoder masks padded inputs exactly like the official
+``tgt_key_padding_mask``, so nothing needs slicing.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,16 +18,11 @@ from hmerzoo.builder import build_model
 from hmerzoo.convert import convert, convert_state_dict_bttr, read_official_checkpoint
 from hmerzoo.decoders.bttr import BTTRDecoder
 from hmerzoo.errors import CheckpointError
-from hmerzoo.sequence import IGNORE_INDEX, teacher_forcing_tensors
+from hmerzoo.sequence import teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
+from parity_harness import (TOL, check_converted_model, check_greedy, check_incremental, check_single_image_scores,
+                            check_teacher_forced_logits, encode, load_fixture, step_logits)
 
-SHARED = Path(os.environ.get("HMERZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-FIXTURES = SHARED / "fixtures/parity/bttr"
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "state_dict.safetensors").is_file(),
-    reason=f"BTTR parity fixtures not found at {FIXTURES} (set HMERZOO_SHARED to the folder holding fixtures/parity)")
-
-TOL = dict(atol=1e-4, rtol=1e-4)
 OFFICIAL_PARAMETERS = 6_375_425  # meta.json parameter_count.parameters (buffers not counted)
 
 
@@ -39,163 +33,69 @@ class NotAWeight:
         self.note = "arbitrary object"
 
 
+@pytest.fixture
+def bttr(parity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return load_fixture(parity_dir / "bttr", "bttr", tmp_path_factory)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fixture-dependent: parity with the official outputs
-@pytest.fixture(scope="module")
-def fixture_data() -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((FIXTURES / "meta.json").read_text())
-    return {"meta": meta, "golden": load_file(str(FIXTURES / "golden.safetensors")),
-            "official": load_file(str(FIXTURES / "state_dict.safetensors")),
-            "scores": json.loads((FIXTURES / "single_image_scores.json").read_text()),
-            "tokens": [s["token_ids"] for s in meta["samples"]]}
-
-
-@pytest.fixture(scope="module")
-def converted_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bttr_converted")
-    return convert("bttr", FIXTURES / "state_dict.safetensors", out)
-
-
-@pytest.fixture(scope="module")
-def model(converted_dir: Path) -> hmerzoo.model.HMERModel:
-    return hmerzoo.load_model(converted_dir)
-
-
-@needs_fixtures
-def test_converted_directory(converted_dir: Path, model, fixture_data) -> None:
-    assert {p.name for p in converted_dir.iterdir()} == {"recipe.yaml", "vocab.json", "model.safetensors"}
-    assert not model.training
+def test_converted_directory(bttr: dict) -> None:
     # vocabulary: <pad> <sos> <eos> + dictionary order, as the official vocab.json lists it
-    official_vocab = json.loads((FIXTURES / "vocab.json").read_text())
-    tokens = [official_vocab[str(i)] for i in range(len(official_vocab))] if isinstance(official_vocab, dict) \
-        else official_vocab
-    assert model.vocab.tokens == tokens
-    assert model.vocab.special_ids == {"pad_id": 0, "sos_id": 1, "eos_id": 2}
-    assert fixture_data["meta"]["parameter_count"]["parameters"] == OFFICIAL_PARAMETERS
-    assert model.num_parameters() == OFFICIAL_PARAMETERS
+    check_converted_model(bttr, OFFICIAL_PARAMETERS, {"pad_id": 0, "sos_id": 1, "eos_id": 2})
 
 
-@needs_fixtures
-def test_encoder_features(model, fixture_data) -> None:
-    golden = fixture_data["golden"]
-    with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-    b, h, w, d = memory.shape
+def test_encoder_features(bttr: dict) -> None:
+    golden = bttr["golden"]
+    memory, mask = encode(bttr)
+    b, h, w, d = memory.shape  # the official features are flattened to [b, h * w, d]
     assert torch.equal(mask.reshape(b, h * w), golden["enc_mask"])
     torch.testing.assert_close(memory.reshape(b, h * w, d), golden["enc_feature"], **TOL)
 
 
-@needs_fixtures
-def test_teacher_forced_logits(model, fixture_data) -> None:
-    golden, tokens = fixture_data["golden"], fixture_data["tokens"]
-    vocab = model.vocab
-    # our inputs/targets, built from the token lists, are the official [L2R; R2L] tgt/out rows
-    inputs = torch.cat([teacher_forcing_tensors(tokens, d, vocab.sos_id, vocab.eos_id, vocab.pad_id)[0]
-                        for d in ("l2r", "r2l")])
-    assert torch.equal(inputs, golden["input.tgt"])
-    with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        out = model.decoder(memory, mask, tokens)
-    targets = out.targets.masked_fill(out.targets == IGNORE_INDEX, vocab.pad_id)
-    assert torch.equal(targets, golden["input.out"])
-    assert out.directions == ["l2r", "l2r", "r2l", "r2l"]
-    assert out.hidden.shape == (4, golden["input.tgt"].shape[1], 256)
-    # every position, <pad> inputs included
-    torch.testing.assert_close(out.logits, golden["logits"], **TOL)
-    # one direction at a time gives the same rows
-    with torch.no_grad():
-        for i, direction in enumerate(("l2r", "r2l")):
-            logits, _ = model.decoder.teacher_forced(memory, mask, tokens, direction)
-            torch.testing.assert_close(logits, golden["logits"][2 * i:2 * i + 2], **TOL)
+def test_teacher_forced_logits(bttr: dict) -> None:
+    check_teacher_forced_logits(bttr, hidden_size=256)
 
 
-@needs_fixtures
-def test_score_single_images(model, fixture_data) -> None:
-    from PIL import Image
-
-    cases = fixture_data["scores"]["cases"]
-    images = [Image.open(FIXTURES / c["image_file"]) for c in cases]
-    captions = [c["caption"] for c in cases]
-    for direction in ("l2r", "r2l"):
-        scores = model.score(images, captions, direction=direction)
-        expected = torch.tensor([c[f"{direction}_logprob"] for c in cases], dtype=torch.float32)
-        torch.testing.assert_close(scores, expected, atol=1e-3, rtol=0)
+def test_score_single_images(bttr: dict) -> None:
+    check_single_image_scores(bttr)
 
 
-def _step_logits(decoder: BTTRDecoder, memory, mask, inputs: torch.Tensor, direction: str,
-                 shuffle_at: int | None = None) -> torch.Tensor:
-    """Logits of feeding ``inputs`` one column at a time; optionally permute the rows mid-way (beam bookkeeping)."""
-    state = decoder.init_state(memory, mask, direction)
-    order = torch.arange(inputs.shape[0])
-    outputs = []
-    for t in range(inputs.shape[1]):
-        if t == shuffle_at:
-            perm = torch.arange(inputs.shape[0] - 1, -1, -1)
-            state = decoder.reorder_state(state, perm)
-            order = order[perm]
-        logits, state = decoder.step(state, inputs[order, t])
-        out = torch.empty_like(logits)
-        out[order] = logits
-        outputs.append(out)
-    return torch.stack(outputs, dim=1)
-
-
-@needs_fixtures
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
-def test_incremental_equals_teacher_forced(model, fixture_data, direction: str) -> None:
-    golden, tokens = fixture_data["golden"], fixture_data["tokens"]
-    vocab = model.vocab
-    with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        teacher, targets = model.decoder.teacher_forced(memory, mask, tokens, direction)
-        inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
-        stepped = _step_logits(model.decoder, memory, mask, inputs, direction)
-        reordered = _step_logits(model.decoder, memory, mask, inputs, direction, shuffle_at=3)
-    torch.testing.assert_close(stepped, teacher, **TOL)
-    torch.testing.assert_close(reordered, teacher, **TOL)
-    # and against the official logits directly
+def test_incremental_equals_teacher_forced(bttr: dict, direction: str) -> None:
     offset = 0 if direction == "l2r" else 2
-    torch.testing.assert_close(stepped, golden["logits"][offset:offset + 2], **TOL)
+    check_incremental(bttr, direction, reorder_at=3, golden_logits=bttr["golden"]["logits"][offset:offset + 2])
 
 
-@needs_fixtures
-def test_greedy_reads_the_fixture_images(model, fixture_data) -> None:
-    golden = fixture_data["golden"]
-    for i, sample in enumerate(fixture_data["meta"]["samples"]):
-        image = golden[f"input.img{i}_single"]
-        mask = torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.bool)
-        for direction in ("l2r", "r2l"):
-            assert model.greedy(image, mask, direction=direction) == [sample["token_ids"]]
+def test_greedy_reads_the_fixture_images(bttr: dict) -> None:
+    check_greedy(bttr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # conversion from other file kinds, and refusals
-@needs_fixtures
-def test_lightning_ckpt_converts(tmp_path: Path, converted_dir: Path, fixture_data) -> None:
+def test_lightning_ckpt_converts(tmp_path: Path, bttr: dict) -> None:
     from safetensors.torch import load_file
 
+    fixtures, converted_dir = bttr["dir"], bttr["converted"]
     ckpt = tmp_path / "epoch=1.ckpt"
-    torch.save({"state_dict": fixture_data["official"], "epoch": 1, "global_step": 10}, ckpt)
+    torch.save({"state_dict": bttr["official"], "epoch": 1, "global_step": 10}, ckpt)
     with pytest.raises(CheckpointError, match="--dictionary"):
         convert("bttr", ckpt, tmp_path / "no_dict")  # no dictionary.txt beside it
-    out = convert("bttr", ckpt, tmp_path / "out", dictionary=FIXTURES / "dictionary.txt")
+    out = convert("bttr", ckpt, tmp_path / "out", dictionary=fixtures / "dictionary.txt")
     a, b = load_file(str(out / "model.safetensors")), load_file(str(converted_dir / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # dictionary.txt beside the checkpoint is found without the argument; a plain state dict works too
     plain = tmp_path / "plain" / "weights.pt"
     plain.parent.mkdir()
-    torch.save(fixture_data["official"], plain)
-    shutil.copy(FIXTURES / "dictionary.txt", plain.parent / "dictionary.txt")
+    torch.save(bttr["official"], plain)
+    shutil.copy(fixtures / "dictionary.txt", plain.parent / "dictionary.txt")
     hmerzoo.load_model(convert("bttr", plain, tmp_path / "out2"))
 
 
-@needs_fixtures
-def test_pickled_object_is_refused(tmp_path: Path, fixture_data) -> None:
+def test_pickled_object_is_refused(tmp_path: Path, bttr: dict) -> None:
     ckpt = tmp_path / "unsafe.ckpt"
-    torch.save({"state_dict": fixture_data["official"], "hyper_parameters": NotAWeight()}, ckpt)
-    shutil.copy(FIXTURES / "dictionary.txt", tmp_path / "dictionary.txt")
+    torch.save({"state_dict": bttr["official"], "hyper_parameters": NotAWeight()}, ckpt)
+    shutil.copy(bttr["dir"] / "dictionary.txt", tmp_path / "dictionary.txt")
     with pytest.raises(CheckpointError, match="weights_only") as info:
         convert("bttr", ckpt, tmp_path / "out")
     assert "NotAWeight" in str(info.value)  # says what was refused
@@ -203,9 +103,8 @@ def test_pickled_object_is_refused(tmp_path: Path, fixture_data) -> None:
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-@needs_fixtures
-def test_key_mapping(fixture_data) -> None:
-    official = fixture_data["official"]
+def test_key_mapping(bttr: dict) -> None:
+    official = bttr["official"]
     ours = convert_state_dict_bttr(official)
     assert len(ours) == len(official)
     assert ours["neck.feature_proj.weight"] is official["bttr.encoder.feature_proj.0.weight"]
@@ -219,12 +118,11 @@ def test_key_mapping(fixture_data) -> None:
         convert_state_dict_bttr({**official, "bttr.extra.weight": torch.zeros(1)})
 
 
-@needs_fixtures
-def test_wrong_dictionary_is_refused(tmp_path: Path) -> None:
+def test_wrong_dictionary_is_refused(tmp_path: Path, bttr: dict) -> None:
     short = tmp_path / "dictionary.txt"
-    short.write_text("\n".join(FIXTURES.joinpath("dictionary.txt").read_text().split()[:-1]) + "\n")
+    short.write_text("\n".join(bttr["dir"].joinpath("dictionary.txt").read_text().split()[:-1]) + "\n")
     with pytest.raises(CheckpointError, match="output classes"):
-        convert("bttr", FIXTURES / "state_dict.safetensors", tmp_path / "out", dictionary=short)
+        convert("bttr", bttr["dir"] / "state_dict.safetensors", tmp_path / "out", dictionary=short)
 
 
 def test_unknown_converter_and_missing_file(tmp_path: Path) -> None:
@@ -300,7 +198,7 @@ def test_incremental_equals_teacher_forced_random(direction: str) -> None:
     with torch.no_grad():
         teacher, _ = decoder.teacher_forced(memory, mask, tokens, direction)
         inputs, _ = teacher_forcing_tensors(tokens, direction, 1, 2, 0)
-        stepped = _step_logits(decoder, memory, mask, inputs, direction, shuffle_at=2)
+        stepped = step_logits(decoder, memory, mask, inputs, direction, reorder_at=2)
     torch.testing.assert_close(stepped, teacher, atol=1e-5, rtol=1e-5)
 
 

@@ -74,3 +74,24 @@ def test_load_model_round_trip_and_wrong_vocabulary(tmp_path):
 def test_load_model_without_recipe_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="no recipe.yaml"):
         load_model(tmp_path)
+
+
+def test_load_model_reads_the_weights_of_a_run_directory(tmp_path):
+    from hmerzoo.checkpoint import checkpoint_at, save_weights
+
+    small = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2"]
+    model = build_model("bttr", [f"vocab.dictionary={dictionary(tmp_path, 10)}", *small])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(dump_recipe(model.recipe))
+    model.vocab.save(str(run / "vocab.json"))
+    with pytest.raises(CheckpointError, match="no weights found"):
+        load_model(run)
+    save_weights(checkpoint_at(run, 3).weights, {k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    save_weights(checkpoint_at(run, 12).weights, model.state_dict())  # the newest step wins
+    loaded = load_model(run)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    # a damaged weights file: the message names it (read through checkpoint.load_weights)
+    (run / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match=f"{run / 'model.safetensors'}: cannot read the weights"):
+        load_model(run)

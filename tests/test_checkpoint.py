@@ -159,3 +159,28 @@ def test_corrupt_files_raise_checkpoint_error(tmp_path):
     (tmp_path / "step-00000001.trainer.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read the trainer state"):
         load_trainer_state(tmp_path / "step-00000001.trainer.pt")
+
+
+def test_find_weights_prefers_the_model_file_then_best_then_the_newest_step(tmp_path):
+    from hmerzoo.checkpoint import BEST_WEIGHTS, WEIGHTS_FILE, checkpoint_dir, find_weights, save_weights
+
+    with pytest.raises(CheckpointError, match="no weights found .looked for model.safetensors, "
+                                              "checkpoints/best.safetensors, checkpoints/step-.\\.safetensors"):
+        find_weights(tmp_path)
+    save_checkpoint(tmp_path, 9, model_state(1.0), trainer_state(9))
+    save_weights(checkpoint_at(tmp_path, 10).weights, model_state(2.0))  # its trainer state not written yet
+    assert find_weights(tmp_path) == checkpoint_at(tmp_path, 10).weights  # weights are enough to evaluate
+    save_weights(checkpoint_dir(tmp_path) / BEST_WEIGHTS, model_state(3.0))
+    assert find_weights(tmp_path) == checkpoint_dir(tmp_path) / BEST_WEIGHTS
+    save_weights(tmp_path / WEIGHTS_FILE, model_state(4.0))
+    assert find_weights(tmp_path) == tmp_path / WEIGHTS_FILE
+    assert find_weights(checkpoint_at(tmp_path, 9).weights) == checkpoint_at(tmp_path, 9).weights  # a file: itself
+
+
+def test_find_model_dir_looks_up_from_a_weights_file(tmp_path):
+    from hmerzoo.checkpoint import RECIPE_FILE, find_model_dir
+
+    with pytest.raises(CheckpointError, match="no recipe.yaml here or in the folders above"):
+        find_model_dir(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text("name: x\n")
+    assert find_model_dir(tmp_path / "checkpoints") == tmp_path

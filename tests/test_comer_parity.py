@@ -1,48 +1,28 @@
 """CoMER: converted official weights reproduce the official outputs; incremental decoding (running coverage sums)
 equals teacher forcing; the decoder's switches and the shipped recipe.
 
-Fixture-dependent tests skip when ../shared/fixtures/parity/comer is absent (``parity_dir`` in conftest.py).
-Logits are compared at every position, ``<pad>`` inputs included, as the official forward computes them.
+Fixture-dependent tests skip when ../shared/fixtures/parity/comer is absent (``parity_dir`` in conftest.py); the
+checks the four systems share are in parity_harness.py. Logits are compared at every position, ``<pad>`` inputs
+included, as the official forward computes them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-import hmerzoo
 from hmerzoo.builder import build_model
-from hmerzoo.convert import convert, convert_state_dict_comer
+from hmerzoo.convert import convert_state_dict_comer
 from hmerzoo.decoders.comer import CoMERDecoder
 from hmerzoo.errors import CheckpointError
-from hmerzoo.model import HMERModel
-from hmerzoo.sequence import IGNORE_INDEX, teacher_forcing_tensors
+from hmerzoo.sequence import teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
+from parity_harness import (TOL, check_converted_model, check_greedy, check_incremental, check_single_image_scores,
+                            check_teacher_forced_logits, encode, load_fixture, step_logits)
 
-TOL = dict(atol=1e-4, rtol=1e-4)
+__all__ = ["load_fixture"]  # test_comer_search.py takes the fixture loader from here
 OFFICIAL_PARAMETERS = 6_389_041  # meta.json parameter_count.parameters (buffers not counted)
-
-_LOADED: dict[Path, dict] = {}
-
-
-def load_fixture(directory: Path, name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Fixture files + the converted model, converted once per test session (cached by directory)."""
-    from safetensors.torch import load_file
-
-    if not (directory / "state_dict.safetensors").is_file():
-        pytest.skip(f"{name} parity fixtures not found in {directory}")
-    if directory not in _LOADED:
-        meta = json.loads((directory / "meta.json").read_text())
-        out = convert(name, directory / "state_dict.safetensors", tmp_path_factory.mktemp(f"{name}_converted"))
-        _LOADED[directory] = {
-            "dir": directory, "converted": out, "model": hmerzoo.load_model(out), "meta": meta,
-            "golden": load_file(str(directory / "golden.safetensors")),
-            "official": load_file(str(directory / "state_dict.safetensors")),
-            "scores": json.loads((directory / "single_image_scores.json").read_text()),
-            "tokens": [s["token_ids"] for s in meta["samples"]]}
-    return _LOADED[directory]
 
 
 @pytest.fixture
@@ -50,35 +30,11 @@ def comer(parity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return load_fixture(parity_dir / "comer", "comer", tmp_path_factory)
 
 
-def step_logits(decoder, memory: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor, direction: str,
-                reorder_at: int | None = None) -> torch.Tensor:
-    """Logits of feeding ``inputs`` one column at a time; optionally reverse the rows mid-way (beam bookkeeping)."""
-    state = decoder.init_state(memory, mask, direction)
-    order = torch.arange(inputs.shape[0])
-    outputs = []
-    for t in range(inputs.shape[1]):
-        if t == reorder_at:
-            perm = torch.arange(inputs.shape[0] - 1, -1, -1)
-            state = decoder.reorder_state(state, perm)
-            order = order[perm]
-        logits, state = decoder.step(state, inputs[order, t])
-        out = torch.empty_like(logits)
-        out[order] = logits
-        outputs.append(out)
-    return torch.stack(outputs, dim=1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # fixture-dependent: parity with the official outputs
 def test_converted_model(comer: dict) -> None:
-    model: HMERModel = comer["model"]
-    assert {p.name for p in comer["converted"].iterdir()} == {"recipe.yaml", "vocab.json", "model.safetensors"}
-    assert not model.training
-    official_vocab = json.loads((comer["dir"] / "vocab.json").read_text())
-    assert model.vocab.tokens == [official_vocab[str(i)] for i in range(len(official_vocab))]
-    assert model.vocab.special_ids == {"pad_id": 0, "sos_id": 1, "eos_id": 2}
-    assert comer["meta"]["parameter_count"]["parameters"] == OFFICIAL_PARAMETERS
-    assert model.num_parameters() == OFFICIAL_PARAMETERS
+    check_converted_model(comer, OFFICIAL_PARAMETERS, {"pad_id": 0, "sos_id": 1, "eos_id": 2})
+    model = comer["model"]
     decoder = model.recipe["model"]["decoder"]
     assert decoder["type"] == "comer" and decoder["cross_coverage"] and decoder["self_coverage"]
     assert decoder["dc"] == 32 and not decoder.get("cbam", False)
@@ -100,72 +56,23 @@ def test_key_mapping(comer: dict) -> None:
 
 def test_encoder_features(comer: dict) -> None:
     golden = comer["golden"]
-    with torch.no_grad():
-        memory, mask = comer["model"].encode(golden["input.img"], golden["input.img_mask"])
+    memory, mask = encode(comer)
     assert torch.equal(mask, golden["enc_mask"])
     torch.testing.assert_close(memory, golden["enc_feature"], **TOL)
 
 
 def test_teacher_forced_logits(comer: dict) -> None:
-    model, golden, tokens = comer["model"], comer["golden"], comer["tokens"]
-    vocab = model.vocab
-    inputs = torch.cat([teacher_forcing_tensors(tokens, d, vocab.sos_id, vocab.eos_id, vocab.pad_id)[0]
-                        for d in ("l2r", "r2l")])
-    assert torch.equal(inputs, golden["input.tgt"])  # our rows are the official to_bi_tgt_out rows
-    with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        out = model.decoder(memory, mask, tokens)
-    assert torch.equal(out.targets.masked_fill(out.targets == IGNORE_INDEX, vocab.pad_id), golden["input.out"])
-    assert out.directions == ["l2r", "l2r", "r2l", "r2l"]
-    assert out.hidden.shape == (4, golden["input.tgt"].shape[1], 256)
-    torch.testing.assert_close(out.logits, golden["logits"], **TOL)
-    with torch.no_grad():  # one direction at a time gives the same rows
-        for i, direction in enumerate(("l2r", "r2l")):
-            logits, _ = model.decoder.teacher_forced(memory, mask, tokens, direction)
-            torch.testing.assert_close(logits, golden["logits"][2 * i:2 * i + 2], **TOL)
-
-
-def check_single_image_scores(fixture: dict) -> None:
-    from PIL import Image
-
-    cases = fixture["scores"]["cases"]
-    images = [Image.open(fixture["dir"] / c["image_file"]) for c in cases]
-    captions = [c["caption"] for c in cases]
-    for direction in ("l2r", "r2l"):
-        scores = fixture["model"].score(images, captions, direction=direction)
-        expected = torch.tensor([c[f"{direction}_logprob"] for c in cases], dtype=torch.float32)
-        torch.testing.assert_close(scores, expected, atol=1e-3, rtol=0)
+    check_teacher_forced_logits(comer, hidden_size=256)
 
 
 def test_score_single_images(comer: dict) -> None:
     check_single_image_scores(comer)
 
 
-def check_incremental(fixture: dict, direction: str) -> None:
-    model, golden, tokens = fixture["model"], fixture["golden"], fixture["tokens"]
-    vocab = model.vocab
-    with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        teacher, _ = model.decoder.teacher_forced(memory, mask, tokens, direction)
-        inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
-        stepped = step_logits(model.decoder, memory, mask, inputs, direction, reorder_at=4)
-    torch.testing.assert_close(stepped, teacher, **TOL)
-    offset = 0 if direction == "l2r" else 2
-    torch.testing.assert_close(stepped, golden["logits"][offset:offset + 2], **TOL)
-
-
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
 def test_incremental_equals_teacher_forced(comer: dict, direction: str) -> None:
-    check_incremental(comer, direction)
-
-
-def check_greedy(fixture: dict) -> None:
-    golden = fixture["golden"]
-    for i, sample in enumerate(fixture["meta"]["samples"]):
-        image = golden[f"input.img{i}_single"]
-        mask = torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.bool)
-        for direction in ("l2r", "r2l"):
-            assert fixture["model"].greedy(image, mask, direction=direction) == [sample["token_ids"]]
+    offset = 0 if direction == "l2r" else 2
+    check_incremental(comer, direction, reorder_at=4, golden_logits=comer["golden"]["logits"][offset:offset + 2])
 
 
 def test_greedy_reads_the_fixture_images(comer: dict) -> None:

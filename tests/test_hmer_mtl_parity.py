@@ -2,7 +2,8 @@
 the skeleton targets and losses are the official ones; the mask-aware CBAM option; the recipes train with the
 skeleton head added or removed by overrides alone.
 
-Fixture-dependent tests skip when ../shared/fixtures/parity/hmer_mtl is absent (``parity_dir`` in conftest.py).
+Fixture-dependent tests skip when ../shared/fixtures/parity/hmer_mtl is absent (``parity_dir`` in conftest.py); the
+checks the four systems share are in parity_harness.py.
 """
 from __future__ import annotations
 
@@ -16,58 +17,36 @@ import torch.nn.functional as F
 import hmerzoo
 from hmerzoo.batch import Batch
 from hmerzoo.builder import build_model
-from hmerzoo.convert import convert, convert_state_dict_comer, convert_state_dict_hmer_mtl
-from hmerzoo.decoders.attention_refinement import AttentionRefinement
+from hmerzoo.convert import convert_state_dict_comer, convert_state_dict_hmer_mtl
+from hmerzoo.decoders.comer import CoMERDecoder
 from hmerzoo.errors import CheckpointError, RecipeError
 from hmerzoo.heads.structure_skeleton import SKELETON_TOKENS, StructureSkeletonHead
-from hmerzoo.model import HMERModel
-from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
+from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput
 from hmerzoo.vocab import Vocabulary
+from parity_harness import (TOL, check_converted_model, check_greedy, check_incremental, check_single_image_scores,
+                            encode, load_fixture)
 
-TOL = dict(atol=1e-4, rtol=1e-4)
 OFFICIAL_PARAMETERS = 6_420_024  # meta.json parameter_count.parameters (buffers not counted)
 MTL_SPECIALS = "vocab.specials=[<pad>, <sos>, <eos>, <space>]"
-
-_LOADED: dict[Path, dict] = {}
 
 
 @pytest.fixture
 def mtl(parity_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Fixture files + the converted model, converted once per session."""
-    from safetensors.torch import load_file
-
-    directory = parity_dir / "hmer_mtl"
-    if not (directory / "state_dict.safetensors").is_file():
-        pytest.skip(f"HMER-MTL parity fixtures not found in {directory}")
-    if directory not in _LOADED:
-        meta = json.loads((directory / "meta.json").read_text())
-        out = convert("hmer_mtl", directory / "state_dict.safetensors", tmp_path_factory.mktemp("hmer_mtl_converted"))
-        _LOADED[directory] = {
-            "dir": directory, "converted": out, "model": hmerzoo.load_model(out), "meta": meta,
-            "golden": load_file(str(directory / "golden.safetensors")),
-            "official": load_file(str(directory / "state_dict.safetensors")),
-            "scores": json.loads((directory / "single_image_scores.json").read_text()),
-            "tokens": [s["token_ids"] for s in meta["samples"]]}
-    return _LOADED[directory]
+    return load_fixture(parity_dir / "hmer_mtl", "hmer_mtl", tmp_path_factory)
 
 
 def batched_output(fixture: dict) -> DecoderOutput:
-    golden = fixture["golden"]
-    model = fixture["model"]
+    memory, mask = encode(fixture)
     with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        return model.decoder(memory, mask, fixture["tokens"])
+        return fixture["model"].decoder(memory, mask, fixture["tokens"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # fixture-dependent: parity with the official outputs
 def test_converted_model(mtl: dict) -> None:
-    model: HMERModel = mtl["model"]
-    official_vocab = json.loads((mtl["dir"] / "vocab.json").read_text())
-    assert model.vocab.tokens == [official_vocab[str(i)] for i in range(len(official_vocab))]
+    check_converted_model(mtl, OFFICIAL_PARAMETERS, {"pad_id": 0, "sos_id": 1, "eos_id": 2})
+    model = mtl["model"]
     assert model.vocab.token_to_id["<space>"] == 3 and len(model.vocab) == 114
-    assert mtl["meta"]["parameter_count"]["parameters"] == OFFICIAL_PARAMETERS
-    assert model.num_parameters() == OFFICIAL_PARAMETERS
     recipe = model.recipe
     decoder = recipe["model"]["decoder"]
     assert decoder["cbam"] and decoder["cbam_ratio"] == 2 and decoder["cbam_kernel"] == 7
@@ -96,8 +75,7 @@ def test_key_mapping(mtl: dict) -> None:
 
 def test_encoder_features(mtl: dict) -> None:
     golden = mtl["golden"]
-    with torch.no_grad():
-        memory, mask = mtl["model"].encode(golden["input.img"], golden["input.img_mask"])
+    memory, mask = encode(mtl)
     assert torch.equal(mask, golden["enc_mask"])
     torch.testing.assert_close(memory, golden["enc_feature"], **TOL)
 
@@ -130,48 +108,17 @@ def test_skeleton_targets_and_losses_are_the_official_ones(mtl: dict) -> None:
 
 
 def test_score_single_images(mtl: dict) -> None:
-    from PIL import Image
-
-    cases = mtl["scores"]["cases"]
-    images = [Image.open(mtl["dir"] / c["image_file"]) for c in cases]
-    captions = [c["caption"] for c in cases]
-    for direction in ("l2r", "r2l"):
-        scores = mtl["model"].score(images, captions, direction=direction)
-        expected = torch.tensor([c[f"{direction}_logprob"] for c in cases], dtype=torch.float32)
-        torch.testing.assert_close(scores, expected, atol=1e-3, rtol=0)
+    check_single_image_scores(mtl)
 
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
 def test_incremental_equals_teacher_forced(mtl: dict, direction: str) -> None:
-    model, golden, tokens = mtl["model"], mtl["golden"], mtl["tokens"]
-    vocab = model.vocab
-    with torch.no_grad():
-        memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        teacher, _ = model.decoder.teacher_forced(memory, mask, tokens, direction)
-        inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
-        state = model.decoder.init_state(memory, mask, direction)
-        order, outputs = torch.tensor([0, 1]), []
-        for t in range(inputs.shape[1]):
-            if t == 4:  # beam bookkeeping in the middle: swap the rows
-                state = model.decoder.reorder_state(state, torch.tensor([1, 0]))
-                order = order[[1, 0]]
-            logits, state = model.decoder.step(state, inputs[order, t])
-            step_out = torch.empty_like(logits)
-            step_out[order] = logits
-            outputs.append(step_out)
-    stepped = torch.stack(outputs, dim=1)
-    torch.testing.assert_close(stepped, teacher, **TOL)
     offset = 0 if direction == "l2r" else 2
-    torch.testing.assert_close(stepped, golden["logits"][offset:offset + 2], **TOL)
+    check_incremental(mtl, direction, reorder_at=4, golden_logits=mtl["golden"]["logits"][offset:offset + 2])
 
 
 def test_greedy_reads_the_fixture_images(mtl: dict) -> None:
-    golden = mtl["golden"]
-    for i, sample in enumerate(mtl["meta"]["samples"]):
-        image = golden[f"input.img{i}_single"]
-        mask = torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.bool)
-        for direction in ("l2r", "r2l"):
-            assert mtl["model"].greedy(image, mask, direction=direction) == [sample["token_ids"]]
+    check_greedy(mtl)
 
 
 def test_mask_aware_cbam_changes_only_padded_images(mtl: dict) -> None:
@@ -190,9 +137,12 @@ def test_mask_aware_cbam_changes_only_padded_images(mtl: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # no fixtures needed
-def _refinement(mask_aware: bool) -> AttentionRefinement:
+def _refinement(mask_aware: bool) -> torch.nn.Module:
+    # CoMER's attention refinement module, its class taken from the decoder (wherever the package keeps it)
+    refinement_class = type(CoMERDecoder(in_channels=32, vocab_size=12, pad_id=0, sos_id=1, eos_id=2, d_model=32,
+                                         nhead=4, num_layers=1, dim_feedforward=64, dc=8).arm)
     torch.manual_seed(0)
-    arm = AttentionRefinement(nhead=4, in_channels=8, dc=8, cbam=True, cbam_mask_aware=mask_aware)
+    arm = refinement_class(nhead=4, in_channels=8, dc=8, cbam=True, cbam_mask_aware=mask_aware)
     arm.cbam.spatial_attention.bn.running_mean.fill_(0.3)
     arm.norm.bn.running_var.uniform_(0.5, 2.0)
     return arm.eval()
