@@ -107,6 +107,7 @@ OPTIMIZERS = Registry("optimizer", "OPTIMIZERS")
 SCHEDULERS = Registry("scheduler", "SCHEDULERS")
 DATASETS = Registry("dataset", "DATASETS")
 TRANSFORMS = Registry("transform", "TRANSFORMS")
+SEARCH_MODES = Registry("search mode", "SEARCH_MODES")  # decode.mode: hmerzoo.decoding.modes
 
 ALL = {
     "encoders": ENCODERS,
@@ -118,6 +119,7 @@ ALL = {
     "schedulers": SCHEDULERS,
     "datasets": DATASETS,
     "transforms": TRANSFORMS,
+    "search_modes": SEARCH_MODES,
 }
 
 
