@@ -15,7 +15,7 @@ from typing import Sequence
 from .errors import HmerzooError
 
 LIST_KINDS = ["encoders", "necks", "decoders", "heads", "losses", "optimizers", "schedulers", "datasets",
-              "transforms", "converters", "recipes"]
+              "transforms", "converters", "search_modes", "recipes"]
 
 
 def _console():

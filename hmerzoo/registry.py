@@ -110,6 +110,7 @@ DATASETS = Registry("dataset", "DATASETS")
 TRANSFORMS = Registry("transform", "TRANSFORMS")
 # official checkpoint formats ``hmerzoo convert NAME`` reads; filled by the modules of hmerzoo.convert
 CONVERTERS = Registry("converter", "CONVERTERS")
+SEARCH_MODES = Registry("search mode", "SEARCH_MODES")  # decode.mode: hmerzoo.decoding.modes
 
 ALL = {
     "encoders": ENCODERS,
@@ -122,6 +123,7 @@ ALL = {
     "datasets": DATASETS,
     "transforms": TRANSFORMS,
     "converters": CONVERTERS,
+    "search_modes": SEARCH_MODES,
 }
 
 

@@ -317,7 +317,7 @@ def test_recognize_options_are_checked(tiny_model) -> None:
     image = _tiny_images()[0]
     with pytest.raises(ValueError, match="batching"):
         tiny_model.recognize([image], batching="sideways")
-    with pytest.raises(ValueError, match="unknown mode .bttrr.*available: l2r, r2l, bttr"):
+    with pytest.raises(ValueError, match="unknown mode .bttrr.*available: abm, bttr, comer, l2r, r2l"):
         tiny_model.recognize([image], mode="bttrr")
     one = tiny_model.recognize(image)  # a single image is a list of one
     assert len(one) == 1 and one[0].latex == tiny_model.vocab.to_latex(one[0].tokens)

@@ -12,7 +12,7 @@ import torch
 
 from hmerzoo.config import DecodeConfig
 from hmerzoo.decoding import PrefixRecomputingDecoder, search
-from hmerzoo.decoding.comer_search import FinishedHeap, comer_first_pass, rate_by_opposite_direction
+from hmerzoo.decoding import FinishedHeap, HFFinishing, beam_search, rate_by_opposite_direction
 from test_beam_search import EOS, PAD, SOS, ToyDecoder, _toy_memory
 from test_comer_parity import load_fixture
 
@@ -185,11 +185,22 @@ def test_toy_max_len_returns_live_rows() -> None:
         assert all(len(h.tokens) == 4 for h in r.hypotheses)
 
 
-def test_first_pass_needs_mixed_directions() -> None:
+def test_one_direction_decoder_gets_one_batch_per_direction() -> None:
+    """Beams never interact, so a decoder that cannot mix directions in one state (one search per direction)
+    finds what the mixed batch finds."""
+    from functools import partial
+
     from test_beam_search import OneDirectionToy
 
-    decoder = OneDirectionToy(vocab_size=7)
-    memory, mask = _toy_memory(num_images=1)
-    with pytest.raises(ValueError, match="mix"):
-        comer_first_pass(decoder, memory.repeat(2, 1, 1, 1), mask.repeat(2, 1, 1), ["l2r", "r2l"], sos_id=SOS,
-                         eos_id=EOS, beam_size=2, max_len=5, alpha=1.0)
+    memory, mask = _toy_memory(num_images=2)
+    rule = partial(HFFinishing, alpha=1.0)
+    found = {}
+    for decoder in (toy(), OneDirectionToy(vocab_size=7, sharpness=2.0).eval()):
+        with torch.no_grad():
+            found[type(decoder).__name__] = beam_search(
+                decoder, memory.repeat(2, 1, 1, 1), mask.repeat(2, 1, 1), ["l2r", "l2r", "r2l", "r2l"], sos_id=SOS,
+                eos_id=EOS, beam_size=2, max_len=6, rule=rule)
+    mixed, split = found.values()
+    assert [[h.tokens for h in g] for g in mixed] == [[h.tokens for h in g] for g in split]
+    assert [h.score for g in mixed for h in g] == pytest.approx([h.score for g in split for h in g], abs=1e-6)
+    assert all(len(g) == 2 for g in mixed)

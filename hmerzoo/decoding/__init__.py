@@ -1,17 +1,21 @@
 """Decoding: one batched beam search for every decoder, the decoding modes built on it, and recognition.
 
-- :mod:`.beam`: :func:`beam_search` over images x beams through a decoder's ``init_state`` / ``step`` /
-  ``reorder_state``, with a :class:`SearchPolicy` for what is kept and when a beam ends;
-- :mod:`.modes`: ``l2r``, ``r2l``, ``bttr`` (bidirectional, cross-direction rescoring), ``abm`` and ``comer``
-  (:mod:`.comer_search`: CoMER's HF-style scorer over both directions in one batch), :func:`search`;
+- :mod:`.beam`: :func:`beam_search`, the one search loop over images x directions x beams, driven through a
+  decoder's ``init_state`` / ``step`` / ``reorder_state``;
+- :mod:`.policies`: its finishing rules (:class:`BTTRFinishing` for BTTR and ABM, :class:`HFFinishing` for CoMER);
+- :mod:`.rescoring`: the bidirectional modes' second passes;
+- :mod:`.modes`: ``l2r``, ``r2l``, ``bttr``, ``abm``, ``comer`` in :data:`hmerzoo.registry.SEARCH_MODES`,
+  :func:`search`;
 - :mod:`.recognize`: images -> search results, per image or padded;
 - :mod:`.prefix`: :class:`PrefixRecomputingDecoder`, the official re-run-the-prefix decoding, for benchmarks.
 """
-from .beam import BTTR_POLICY, Hypothesis, SearchPolicy, beam_search
-from .modes import MODES, SearchResult, choose_best, rescore_by_opposite_direction, search
+from .beam import Hypothesis, beam_search
+from .modes import SearchResult, choose_best, search
+from .policies import BTTRFinishing, FinishedHeap, FinishingRule, HFFinishing
 from .prefix import PrefixRecomputingDecoder
 from .recognize import decode_config, recognize_tensors
+from .rescoring import rate_by_opposite_direction, rescore_by_opposite_direction
 
-__all__ = ["BTTR_POLICY", "Hypothesis", "SearchPolicy", "beam_search", "MODES", "SearchResult", "choose_best",
-           "rescore_by_opposite_direction", "search", "PrefixRecomputingDecoder", "decode_config",
-           "recognize_tensors"]
+__all__ = ["Hypothesis", "beam_search", "SearchResult", "choose_best", "search", "BTTRFinishing", "FinishedHeap",
+           "FinishingRule", "HFFinishing", "PrefixRecomputingDecoder", "decode_config", "recognize_tensors",
+           "rate_by_opposite_direction", "rescore_by_opposite_direction"]

@@ -1,33 +1,34 @@
-"""Decoding modes (the recipe's ``decode.mode``): which beams run, how hypotheses are rescored, which one wins.
+"""Decoding modes (the recipe's ``decode.mode``), registered in :data:`hmerzoo.registry.SEARCH_MODES`
+(``hmerzoo list search_modes``). A mode is which beams run with which finishing rule (:mod:`.policies`), how
+hypotheses are rescored (:mod:`.rescoring`) and which one wins - all on the one search loop of :mod:`.beam`.
 
-- ``l2r`` / ``r2l``: one beam per image in that direction; the best of its hypotheses by ``score / len**alpha``.
-- ``abm``: the official ABM search (``gen_sample_bidirection`` + test.py): one L2R beam per image, the best of its
-  hypotheses by ``score / (len + 1)**alpha`` (the stop token counted), see :func:`abm_direction`.
+- ``l2r`` / ``r2l``: one beam per image in that direction (BTTR's rule); the best by ``score / len**alpha``.
+- ``abm``: the official ABM search (``gen_sample_bidirection`` + test.py): one L2R beam per image with BTTR's rule,
+  the best by ``score / (len + 1)**alpha`` (the stop token counted), see :func:`choose_best_per_emitted_token`.
 - ``bttr``: the official BTTR ``beam_search``: per image an L2R and an R2L beam (all in one batch), every
-  hypothesis rescored by the opposite direction (``score += log p(tokens + stop)`` in one teacher-forced pass over
-  all hypotheses of all images), then the best of the 2 x beam hypotheses by ``score / len**alpha``, ties going to
-  the earlier one (L2R hypotheses first, each beam in finishing order) as Python's ``max`` does.
+  hypothesis rescored by the opposite direction (``score += log p(tokens + stop)``), then the best of the
+  2 x beam by ``score / len**alpha``, ties going to the earlier one (L2R first, each beam in finishing order).
+- ``comer``: the official CoMER search: L2R and R2L beams of every image in one batch with HF ``BeamSearchScorer``
+  semantics (:class:`~.policies.HFFinishing`), every hypothesis rated by the opposite direction
+  (``-sum CE / len**alpha``), the best of the 2 x beam by the sum of both.
 
-- ``comer``: the official CoMER search (:mod:`.comer_search`): L2R and R2L beams of every image in one batch
-  with HF ``BeamSearchScorer`` semantics (``sum log p / len**alpha``, the start token counted), every hypothesis
-  rated by the opposite direction (``-sum CE / len**alpha``), the best of the 2 x beam by the sum of both.
-
-A new mode is a function ``(decoder, memory, mask, config, sos_id, eos_id, stepper) ->
-list[SearchResult]`` in :data:`MODES`, usually a :class:`~hmerzoo.decoding.beam.SearchPolicy` for
-:func:`~hmerzoo.decoding.beam.beam_search` plus its own rescoring and final choice.
+A new mode is a function ``(decoder, memory, mask, config, *, sos_id, eos_id, pad_id, stepper) ->
+list[SearchResult]`` registered with ``@SEARCH_MODES.register("name")``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..config import DecodeConfig
-from ..errors import did_you_mean
-from .beam import BTTR_POLICY, Hypothesis, beam_search
-
-OPPOSITE = {"l2r": "r2l", "r2l": "l2r"}
+from ..errors import RecipeError, did_you_mean
+from ..registry import SEARCH_MODES
+from .beam import Hypothesis, beam_search
+from .policies import BTTRFinishing, HFFinishing
+from .rescoring import OPPOSITE, rate_by_opposite_direction, rescore_by_opposite_direction
 
 
 @dataclass
@@ -39,6 +40,12 @@ class SearchResult:
     hypotheses: list[Hypothesis]
 
 
+def _pick(hypotheses: list[Hypothesis], ranking: torch.Tensor) -> SearchResult:
+    # torch.argmax returns the first maximum, as Python's max keeps the first of equal keys
+    best = int(torch.argmax(ranking))
+    return SearchResult(best=hypotheses[best], best_score=float(ranking[best]), hypotheses=hypotheses)
+
+
 def length_normalised(hypotheses: Sequence[Hypothesis], alpha: float) -> torch.Tensor:
     """``score / len**alpha`` of each hypothesis, [n] float32 (the official computes it on float32 scores)."""
     scores = torch.tensor([h.score for h in hypotheses], dtype=torch.float32)
@@ -47,64 +54,8 @@ def length_normalised(hypotheses: Sequence[Hypothesis], alpha: float) -> torch.T
 
 
 def choose_best(hypotheses: list[Hypothesis], alpha: float) -> SearchResult:
-    """The first hypothesis with the highest ``score / len**alpha`` (``torch.argmax`` returns the first maximum,
-    as Python's ``max`` keeps the first of equal keys)."""
-    ranking = length_normalised(hypotheses, alpha)
-    best = int(torch.argmax(ranking))
-    return SearchResult(best=hypotheses[best], best_score=float(ranking[best]), hypotheses=hypotheses)
-
-
-def log_likelihood(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: list[list[int]],
-                   direction: str, memory_index: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability (stop token included) of each sequence on memory row ``memory_index[i]``, [n]."""
-    from ..decoders.base import SequenceDecoder
-
-    if isinstance(decoder, SequenceDecoder):
-        return decoder.log_likelihood(memory, memory_mask, tokens, direction, memory_index=memory_index)
-    # a decoder outside the base class: hand it one memory row per sequence
-    return decoder.log_likelihood(memory.index_select(0, memory_index), memory_mask.index_select(0, memory_index),
-                                  tokens, direction)
-
-
-def rescore_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor,
-                                  per_image: list[list[Hypothesis]]) -> None:
-    """BTTR's ``_cross_rate_score`` for all images at once: ``score += log p`` of each hypothesis under the other
-    direction (in place). One teacher-forced pass per direction over every image's hypotheses."""
-    for found_by in ("l2r", "r2l"):
-        items = [(i, h) for i, hyps in enumerate(per_image) for h in hyps if h.direction == found_by]
-        if not items:
-            continue
-        index = torch.tensor([i for i, _ in items], dtype=torch.long, device=memory.device)
-        rated = log_likelihood(decoder, memory, memory_mask, [h.tokens for _, h in items], OPPOSITE[found_by],
-                               index).float().cpu()
-        # float32 sums, as the official adds a float32 tensor to the float32 search score
-        totals = torch.tensor([h.score for _, h in items], dtype=torch.float32) + rated
-        for (_, h), total in zip(items, totals.tolist()):
-            h.score = total
-
-
-def one_direction(direction: str) -> Callable[..., list[SearchResult]]:
-    def run(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
-            eos_id: int, stepper: Any = None) -> list[SearchResult]:
-        beams = beam_search(stepper or decoder, memory, memory_mask, [direction] * memory.shape[0], sos_id=sos_id,
-                            eos_id=eos_id, beam_size=config.beam_size, max_len=config.max_len, policy=BTTR_POLICY)
-        return [choose_best(hyps, config.alpha) for hyps in beams]
-
-    run.__name__ = f"{direction}_search"
-    return run
-
-
-def bttr_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
-                eos_id: int, stepper: Any = None) -> list[SearchResult]:
-    """BTTR's bidirectional search with cross-direction rescoring (see the module docstring)."""
-    n = memory.shape[0]
-    images = torch.arange(n, device=memory.device)
-    beams = beam_search(stepper or decoder, memory, memory_mask, ["l2r"] * n + ["r2l"] * n, sos_id=sos_id,
-                        eos_id=eos_id, beam_size=config.beam_size, max_len=config.max_len, policy=BTTR_POLICY,
-                        memory_index=torch.cat((images, images)))
-    per_image = [beams[i] + beams[n + i] for i in range(n)]  # L2R hypotheses first, as the official returns them
-    rescore_by_opposite_direction(decoder, memory, memory_mask, per_image)
-    return [choose_best(hyps, config.alpha) for hyps in per_image]
+    """BTTR's final choice: the first hypothesis with the highest ``score / len**alpha``."""
+    return _pick(hypotheses, length_normalised(hypotheses, alpha))
 
 
 def choose_best_per_emitted_token(hypotheses: list[Hypothesis], alpha: float) -> SearchResult:
@@ -114,63 +65,99 @@ def choose_best_per_emitted_token(hypotheses: list[Hypothesis], alpha: float) ->
     scores = torch.tensor([h.score for h in hypotheses], dtype=torch.float32)
     lengths = torch.tensor([float(len(h.tokens) + int(h.finished)) ** alpha for h in hypotheses],
                            dtype=torch.float32)
-    ranking = scores / lengths.clamp_min(1.0)
-    best = int(torch.argmax(ranking))
-    return SearchResult(best=hypotheses[best], best_score=float(ranking[best]), hypotheses=hypotheses)
+    return _pick(hypotheses, scores / lengths.clamp_min(1.0))
 
 
-def abm_direction(direction: str) -> Callable[..., list[SearchResult]]:
-    """ABM's ``gen_sample_bidirection`` in one direction (ABM decodes with L2R). Its search keeps the ``beam -
-    finished`` best candidates of all live hypotheses x vocabulary by the summed -log p, finishes those ending with
-    the stop token and stops when ``beam`` have finished - the BTTR policy's semantics; only the final choice
-    differs: :func:`choose_best_per_emitted_token`."""
+def choose_best_total(hypotheses: list[Hypothesis], alpha: float) -> SearchResult:
+    """CoMER's final choice: the first maximum of first-pass score + rating (already summed in ``score``)."""
+    return _pick(hypotheses, torch.tensor([h.score for h in hypotheses], dtype=torch.float32))
+
+
+Mode = Callable[..., list[SearchResult]]
+
+
+def one_direction(direction: str, choose: Callable[[list[Hypothesis], float], SearchResult] = choose_best,
+                  name: str | None = None) -> Mode:
+    """One beam per image in ``direction`` with BTTR's finishing rule, then ``choose``."""
     def run(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
-            eos_id: int, stepper: Any = None) -> list[SearchResult]:
+            eos_id: int, pad_id: int | None = None, stepper: Any = None) -> list[SearchResult]:
         beams = beam_search(stepper or decoder, memory, memory_mask, [direction] * memory.shape[0], sos_id=sos_id,
-                            eos_id=eos_id, beam_size=config.beam_size, max_len=config.max_len, policy=BTTR_POLICY)
-        return [choose_best_per_emitted_token(hyps, config.alpha) for hyps in beams]
+                            eos_id=eos_id, beam_size=config.beam_size, max_len=config.max_len, rule=BTTRFinishing)
+        return [choose(hyps, config.alpha) for hyps in beams]
 
-    run.__name__ = f"abm_{direction}_search"
+    run.__name__ = run.__qualname__ = name or f"{direction}_search"
+    run.__doc__ = f"One {direction.upper()} beam per image, BTTR's finishing rule; final choice: {choose.__name__}."
     return run
 
 
-def comer_mode(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
-               eos_id: int, stepper: Any = None) -> list[SearchResult]:
-    """The official CoMER search: L2R and R2L beams of every image in one HF-style batch, each hypothesis rated
-    by the opposite direction, the best of the 2 x beam by own + reverse score (see :mod:`.comer_search`)."""
-    from .comer_search import comer_search
+def abm_direction(direction: str) -> Mode:
+    """ABM's ``gen_sample_bidirection`` in one direction (ABM decodes with L2R). Its search keeps the ``beam -
+    finished`` best candidates of all live hypotheses x vocabulary by the summed -log p, finishes those ending with
+    the stop token and stops when ``beam`` have finished - BTTR's rule; only the final choice differs."""
+    return one_direction(direction, choose_best_per_emitted_token, name=f"abm_{direction}_search")
 
-    pad_id = getattr(decoder, "pad_id", None)
+
+def _both_directions(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig,
+                     rule: Any, sos_id: int, eos_id: int) -> list[list[Hypothesis]]:
+    """Per image: its L2R beam's hypotheses, then its R2L beam's, all beams in one search."""
+    n = memory.shape[0]
+    images = torch.arange(n, device=memory.device)
+    beams = beam_search(decoder, memory, memory_mask, ["l2r"] * n + ["r2l"] * n, sos_id=sos_id, eos_id=eos_id,
+                        beam_size=config.beam_size, max_len=config.max_len, rule=rule,
+                        memory_index=torch.cat((images, images)))
+    return [beams[i] + beams[n + i] for i in range(n)]
+
+
+def bttr_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
+                eos_id: int, pad_id: int | None = None, stepper: Any = None) -> list[SearchResult]:
+    """BTTR: L2R and R2L beams, each hypothesis rescored by the other direction, best by ``score / len**alpha``."""
+    per_image = _both_directions(stepper or decoder, memory, memory_mask, config, BTTRFinishing, sos_id, eos_id)
+    rescore_by_opposite_direction(decoder, memory, memory_mask, per_image)
+    return [choose_best(hyps, config.alpha) for hyps in per_image]
+
+
+def comer_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *,
+                 sos_id: int, eos_id: int, pad_id: int | None = None, stepper: Any = None) -> list[SearchResult]:
+    """CoMER: L2R and R2L beams with the HF scorer, each hypothesis rated by the other direction, best by the sum."""
+    pad_id = decoder.pad_id if pad_id is None else pad_id
     if pad_id is None:
-        raise ValueError("decode.mode comer rescores with <pad>-padded teacher forcing; the decoder has no pad_id")
-    found = comer_search(decoder, memory, memory_mask, sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
-                         beam_size=config.beam_size, max_len=config.max_len, alpha=config.alpha,
-                         temperature=getattr(config, "temperature", 1.0), stepper=stepper)
-    return [SearchResult(best=hyps[best], best_score=score, hypotheses=hyps) for hyps, best, score in found]
+        raise ValueError("decode.mode comer rescores with <pad>-padded teacher forcing; the vocabulary has no <pad>")
+    rule = partial(HFFinishing, alpha=config.alpha)
+    per_image = _both_directions(stepper or decoder, memory, memory_mask, config, rule, sos_id, eos_id)
+    hyps = [h for found in per_image for h in found]
+    rows = torch.tensor([i for i, found in enumerate(per_image) for _ in found], device=memory.device)
+    rated = rate_by_opposite_direction(
+        decoder, memory.index_select(0, rows), memory_mask.index_select(0, rows), [h.tokens for h in hyps],
+        [OPPOSITE[h.direction] for h in hyps], sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
+        alpha=config.alpha).float().cpu()
+    # float32 sums of the official float32 scores
+    total = torch.tensor([h.search_score for h in hyps], dtype=torch.float32) + rated
+    for h, value in zip(hyps, total.tolist()):
+        h.score = value
+    return [choose_best_total(found, config.alpha) for found in per_image]
 
 
-MODES: dict[str, Callable[..., list[SearchResult]]] = {
-    "l2r": one_direction("l2r"),
-    "r2l": one_direction("r2l"),
-    "bttr": bttr_search,
-    "abm": abm_direction("l2r"),
-    "comer": comer_mode,
-}
-PLANNED_MODES: tuple[str, ...] = ()  # in DecodeConfig's documentation, not implemented yet
+SEARCH_MODES.add("l2r", one_direction("l2r"))
+SEARCH_MODES.add("r2l", one_direction("r2l"))
+SEARCH_MODES.add("bttr", bttr_search)
+SEARCH_MODES.add("abm", abm_direction("l2r"))
+SEARCH_MODES.add("comer", comer_search)
 
 
 def search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
-           eos_id: int, stepper: Any = None) -> list[SearchResult]:
+           eos_id: int, pad_id: int | None = None, stepper: Any = None) -> list[SearchResult]:
     """Decode every memory row [B,...] with ``config.mode``; ``stepper`` replaces the decoder's incremental
     interface (e.g. :class:`~hmerzoo.decoding.prefix.PrefixRecomputingDecoder`), ``decoder`` still rescores."""
     run = mode_function(config.mode)
-    return run(decoder, memory, memory_mask, config, sos_id=sos_id, eos_id=eos_id, stepper=stepper)
+    return run(decoder, memory, memory_mask, config, sos_id=sos_id, eos_id=eos_id, pad_id=pad_id, stepper=stepper)
 
 
-def mode_function(mode: str) -> Callable[..., list[SearchResult]]:
-    if mode in MODES:
-        return MODES[mode]
-    if mode in PLANNED_MODES:
-        raise NotImplementedError(f"decode.mode {mode!r} is not implemented yet; available: {', '.join(MODES)}")
-    raise ValueError(f"decode.mode: unknown mode {mode!r}{did_you_mean(mode, list(MODES))}; "
-                     f"available: {', '.join(MODES)}")
+def mode_function(mode: str) -> Mode:
+    """The registered mode ``mode`` (or a ``module.path:function``); an unknown name fails with the available ones."""
+    if mode in SEARCH_MODES or ":" in mode:
+        try:
+            return SEARCH_MODES.get(mode, "decode.mode")
+        except RecipeError as e:
+            raise ValueError(str(e)) from None
+    names = SEARCH_MODES.names()
+    raise ValueError(f"decode.mode: unknown mode {mode!r}{did_you_mean(mode, names)}; available: {', '.join(names)}")

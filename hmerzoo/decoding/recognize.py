@@ -19,6 +19,7 @@ import torch
 
 from ..batch import pad_images
 from ..config import DecodeConfig
+from ..data import images as image_io
 from .modes import SearchResult, mode_function, search
 
 
@@ -32,18 +33,10 @@ def decode_config(recipe: dict | None, **overrides: Any) -> DecodeConfig:
 
 
 def image_tensors(images: Sequence[Any], recipe: dict | None) -> list[torch.Tensor]:
-    """Each image -> [1,h,w] float32 in [0,1], white ink on black.
-
-    ``prepare_image`` (polarity and size normalisation for user photos) is used where the data package has it;
-    CROHME images come back from it unchanged.
-    """
-    from ..data import images as image_io
-
-    prepare = getattr(image_io, "prepare_image", None)
-    if prepare is None:
-        return [image_io.load_image_tensor(img) for img in images]
-    ranges = image_io.size_ranges_for_recipe(recipe) if hasattr(image_io, "size_ranges_for_recipe") else {}
-    return [prepare(img, **ranges) for img in images]
+    """Each image -> [1,h,w] float32 in [0,1], white ink on black, through ``prepare_image`` (polarity and size
+    normalisation for user photos; CROHME images come back from it unchanged)."""
+    ranges = image_io.size_ranges_for_recipe(recipe)
+    return [image_io.prepare_image(img, **ranges) for img in images]
 
 
 def pad_memories(memories: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +66,7 @@ def recognize_tensors(model: Any, tensors: list[torch.Tensor], config: DecodeCon
 
     def run(memory: torch.Tensor, mask: torch.Tensor, which: list[int]) -> None:
         found = search(model.decoder, memory, mask, config, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
-                       stepper=stepper)
+                       pad_id=vocab.pad_id, stepper=stepper)
         for i, result in zip(which, found):
             results[i] = result
 
@@ -89,8 +82,7 @@ def recognize_tensors(model: Any, tensors: list[torch.Tensor], config: DecodeCon
     for t in tensors:
         images, image_mask = pad_images([t])  # one image: no padding, an all-False mask
         encoded.append(model.encode(images.to(device), image_mask.to(device)))
-    shareable = getattr(stepper or model.decoder, "memory_padding_invariant", False) and \
-        getattr(model.decoder, "memory_padding_invariant", False)
+    shareable = (stepper or model.decoder).memory_padding_invariant and model.decoder.memory_padding_invariant
     if not shareable:
         for i, (memory, mask) in enumerate(encoded):
             run(memory, mask, [i])

@@ -1,0 +1,61 @@
+"""Second passes of the bidirectional modes: every hypothesis scored by the direction that did not find it, in
+teacher-forced passes over all hypotheses of all images.
+
+- :func:`rescore_by_opposite_direction`: BTTR's ``_cross_rate_score``, ``score += log p(tokens + stop)``;
+- :func:`rate_by_opposite_direction`: CoMER's ``_rate``, ``-sum CE / (#non-pad decoder inputs)**alpha``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..sequence import direction_tokens
+from .beam import Hypothesis
+
+OPPOSITE = {"l2r": "r2l", "r2l": "l2r"}
+
+
+def rescore_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor,
+                                  per_image: list[list[Hypothesis]]) -> None:
+    """BTTR's ``_cross_rate_score`` for all images at once: ``score += log p`` of each hypothesis under the other
+    direction (in place). One teacher-forced pass per direction over every image's hypotheses, each image's memory
+    read where the decoder allows it without copies (``log_likelihood``'s ``memory_index``)."""
+    for found_by in ("l2r", "r2l"):
+        items = [(i, h) for i, hyps in enumerate(per_image) for h in hyps if h.direction == found_by]
+        if not items:
+            continue
+        index = torch.tensor([i for i, _ in items], dtype=torch.long, device=memory.device)
+        rated = decoder.log_likelihood(memory, memory_mask, [h.tokens for _, h in items], OPPOSITE[found_by],
+                                       memory_index=index).float().cpu()
+        # float32 sums, as the official adds a float32 tensor to the float32 search score
+        totals = torch.tensor([h.score for _, h in items], dtype=torch.float32) + rated
+        for (_, h), total in zip(items, totals.tolist()):
+            h.score = total
+
+
+def rate_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor,
+                               tokens: list[list[int]], directions: list[str], *, sos_id: int, eos_id: int,
+                               pad_id: int, alpha: float) -> torch.Tensor:
+    """The official CoMER ``_rate``: sequence i (reading order) on memory row i, rated in ``directions[i]``:
+    ``-sum CE / (#non-pad decoder inputs)**alpha``, ``<pad>`` targets ignored. [N] float32; one pass, all rows
+    padded to the longest, as the official."""
+    device = memory.device
+    length = max(len(t) for t in tokens) + 1
+    inputs = torch.full((len(tokens), length), pad_id, dtype=torch.long, device=device)
+    targets = torch.full((len(tokens), length), pad_id, dtype=torch.long, device=device)
+    for i, (seq, d) in enumerate(zip(tokens, directions)):
+        begin, stop = direction_tokens(sos_id, eos_id, d)
+        body = seq[::-1] if d == "r2l" else seq
+        inputs[i, 0] = begin
+        if body:
+            inputs[i, 1:1 + len(body)] = torch.tensor(body, dtype=torch.long)
+            targets[i, :len(body)] = torch.tensor(body, dtype=torch.long)
+        targets[i, len(body)] = stop
+    mixed = len(set(directions)) > 1
+    logits = decoder.prefix_logits(memory, memory_mask, inputs, list(directions) if mixed else directions[0])
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad_id,
+                         reduction="none").view(len(tokens), length)
+    penalty = (inputs != pad_id).sum(dim=1) ** alpha
+    return -ce.sum(dim=1) / penalty
