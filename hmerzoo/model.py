@@ -1,4 +1,5 @@
-"""The composite model the trainer drives, and the contract its parts keep (the token contract: sequence.py).
+"""The composite model the trainer drives, and the contract its parts keep (the token contract: sequence.py;
+the decoder contract: decoders/base.py).
 
     encoder : images [B,1,H,W], mask [B,H,W] (True = pad) -> features [B,C,h,w], mask [B,h,w]
     neck    : (optional) features [B,C,h,w], mask -> memory [B,h,w,d] (channels last), mask [B,h,w]
@@ -22,8 +23,7 @@ import torch.nn as nn
 
 from .batch import Batch, pad_images
 from .decoding.recognize import decode_config, image_tensors, recognize_tensors
-from .sequence import (  # noqa: F401  (re-exported: the contract's old home)
-    IGNORE_INDEX, DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors)
+from .sequence import direction_tokens
 from .vocab import Vocabulary
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hmerzoo.batch import Batch
 from hmerzoo.builder import build_model
 from hmerzoo.decoders.abm import ABMDecoder
-from hmerzoo.decoders.attention_aggregation import AttentionAggregation
+from hmerzoo.layers.attention_aggregation import AttentionAggregation
 from hmerzoo.errors import DataError, HmerzooError, RecipeError
 from hmerzoo.heads.mutual_distillation import MutualDistillation
 from hmerzoo.losses import SequenceCrossEntropy

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmerzoo.posenc import ImagePositionEncoding, WordPosEnc, image_position_encoding, word_position_table
+from hmerzoo.layers.posenc import ImagePositionEncoding, WordPosEnc, image_position_encoding, word_position_table
 
 SHARED = Path(os.environ.get("HMERZOO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 COMER_FIXTURES = SHARED / "fixtures/parity/comer"

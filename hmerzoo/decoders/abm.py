@@ -6,7 +6,8 @@ Faithful to the official ``encoder_decoder.py`` / ``decoder.py`` (XH-B/ABM). Eac
 - initial state ``tanh(W (masked mean of the features))``;
 - ``Embedding(V, m)``;
 - a two-layer conditional GRU: GRU 1 reads the previous token's embedding -> h1; the Attention Aggregation
-  Module (:mod:`.attention_aggregation`) attends with h1 and the coverage -> context c; GRU 2 reads c -> h2.
+  Module (:mod:`hmerzoo.layers.attention_aggregation`) attends with h1 and the coverage -> context c; GRU 2
+  reads c -> h2.
   The GRUs are the official hand-written ones (the reset gate scales ``U h``, biases where the official has them);
   their three gate projections are packed into one matrix each, ordered (update z, reset r, candidate h);
 - the output layer ``W_c c + W_h h2 + W_y emb`` -> maxout over adjacent pairs (m -> m/2) -> dropout -> Linear.
@@ -19,7 +20,7 @@ so even the logits at padded positions equal the official ones.
 Differences from the official code, none of which changes a result where the official has one:
 
 - the 11x11 and 5x5 coverage convolutions and their projections run as one fused convolution, and the attention
-  softmax subtracts the maximum (see :mod:`.attention_aggregation`);
+  softmax subtracts the maximum (see :mod:`hmerzoo.layers.attention_aggregation`);
 - incremental decoding keeps the masked mean and the memory mask; the official ``f_init`` takes an unmasked mean
   and ``f_next`` no mask, which is the same for the unpadded single image it decodes.
 """
@@ -33,7 +34,7 @@ import torch.nn as nn
 
 from ..sequence import IGNORE_INDEX, DecoderOutput, direction_tokens, teacher_forcing_tensors
 from ..registry import DECODERS
-from .attention_aggregation import AttentionAggregation
+from ..layers.attention_aggregation import AttentionAggregation
 from .base import SequenceDecoder
 
 DIRECTIONS = ("l2r", "r2l")
@@ -168,6 +169,8 @@ class ABMDecoder(SequenceDecoder):
     # (the decoding itself is padding invariant - masked mean, masked attention, zero coverage outside the image -
     # but the shared search pads memories channels-last, and this memory is channels-first)
     memory_padding_invariant = False
+    # reorder_state moves the hidden state, the coverage and the row -> image index; the memory stays per image
+    shares_image_memory = True
 
     def __init__(self, in_channels: int, vocab_size: int, sos_id: int, eos_id: int, pad_id: int | None = None,
                  hidden_size: int = 256, embed_dim: int = 256, attention_dim: int = 512,

@@ -1,31 +1,37 @@
 """The decoder contract (see hmerzoo/model.py for the whole model contract).
 
-A decoder is an ``nn.Module`` with:
+A decoder is a :class:`SequenceDecoder` (an ``nn.Module``) with:
 
-- ``d_model``: width of its hidden states (heads are sized from it);
+- ``d_model``: width of its hidden states (heads are sized from it); ``vocab_size``, ``sos_id``, ``eos_id``,
+  ``pad_id`` (None when the vocabulary has no ``<pad>``);
 - ``forward(memory, memory_mask, tokens) -> DecoderOutput``: the training objective's teacher-forced pass.
   ``tokens`` is a list of per-sample token-id lists without start/end tokens; the decoder builds its own
   inputs and targets (e.g. BTTR stacks L2R and R2L rows);
 - ``teacher_forced(memory, memory_mask, tokens, direction) -> (logits [N,L,V], targets [N,L])`` for one
   direction (used by scoring and rescoring);
 - ``init_state(memory, memory_mask, direction)``, ``step(state, last_tokens) -> (logits [N,V], state)`` and
-  ``reorder_state(state, index)``: incremental decoding, so that one search serves every decoder.
+  ``reorder_state(state, index)``: incremental decoding, so that one search serves every decoder;
+- ``log_likelihood(memory, memory_mask, tokens, direction, memory_index)`` and ``prefix_logits(memory,
+  memory_mask, inputs, direction)`` (logits [N,t,V] of a full teacher-forced pass over decoder inputs [N,t], start
+  token first; the "re-run the prefix" benchmark mode), both with defaults here built on ``teacher_forced``.
 
-Optional, with defaults in :class:`SequenceDecoder` (the search reads them with ``getattr``, so a decoder that
-does not subclass it still decodes):
+Capabilities are declared, not probed: class attributes of :class:`SequenceDecoder` (a subclass overrides them,
+as a class attribute or, when they depend on its options, a property), gathered by ``decoder.capabilities`` into
+a :class:`DecoderCapabilities`. The search reads them there:
 
+- ``directions``: the directions it decodes (both for every system here);
 - ``supports_mixed_directions``: ``init_state`` also accepts a list of directions, one per memory row, so the
   L2R and R2L beams of a bidirectional search run in one batch (True when both directions share the weights
-  and the direction only picks the start token). False: the search runs one batch per direction.
+  and the direction only picks the start token). False: the search runs one batch per direction;
 - ``memory_padding_invariant``: decoding a memory padded beyond the image (mask True there) gives the results
-  of the unpadded memory, so separately encoded images can share one search. False: each image alone.
-- ``prefix_logits(memory, memory_mask, inputs, direction)``: logits [N,t,V] of a full teacher-forced pass over
-  decoder inputs [N,t] (start token first); only the "re-run the prefix" benchmark mode uses it.
-
-:class:`SequenceDecoder` provides ``log_likelihood`` on top of ``teacher_forced``.
+  of the unpadded memory, so separately encoded images can share one search. False: each image alone;
+- ``shares_image_memory``: ``reorder_state`` moves only per-row tensors and a row -> image index; each image's
+  memory (cross-attention keys/values) stays once per image however many hypotheses read it, so many beams per
+  image cost no memory copies.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -34,10 +40,33 @@ import torch.nn as nn
 from ..sequence import DecoderOutput, sequence_log_likelihood, teacher_forcing_tensors
 
 
+@dataclass(frozen=True)
+class DecoderCapabilities:
+    """What a decoder declares about itself (see the module docstring)."""
+
+    directions: tuple[str, ...]
+    supports_mixed_directions: bool
+    memory_padding_invariant: bool
+    shares_image_memory: bool
+
+
 class SequenceDecoder(nn.Module):
     d_model: int
+    vocab_size: int
+    sos_id: int
+    eos_id: int
+    pad_id: int | None = None
+    directions: tuple[str, ...] = ("l2r", "r2l")
     supports_mixed_directions: bool = False
     memory_padding_invariant: bool = False
+    shares_image_memory: bool = False
+
+    @property
+    def capabilities(self) -> DecoderCapabilities:
+        return DecoderCapabilities(directions=tuple(self.directions),
+                                   supports_mixed_directions=bool(self.supports_mixed_directions),
+                                   memory_padding_invariant=bool(self.memory_padding_invariant),
+                                   shares_image_memory=bool(self.shares_image_memory))
 
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                 tokens: Sequence[Sequence[int]]) -> DecoderOutput:  # pragma: no cover - interface

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..posenc import ImagePositionEncoding
+from ..layers.posenc import ImagePositionEncoding
 from ..registry import NECKS
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import UniformMaskDropout
+from ..layers.dropout import UniformMaskDropout
 from ..registry import ENCODERS
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..posenc import ImagePositionEncoding
+from ..layers.posenc import ImagePositionEncoding
 from ..registry import NECKS
 
 
