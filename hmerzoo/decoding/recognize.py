@@ -92,7 +92,8 @@ def recognize_tensors(model: Any, tensors: list[torch.Tensor], config: DecodeCon
     for t in tensors:
         images, image_mask = pad_images([t])  # one image: no padding, an all-False mask
         encoded.append(model.encode(images.to(device), image_mask.to(device)))
-    shareable = (stepper or model.decoder).memory_padding_invariant and model.decoder.memory_padding_invariant
+    shareable = (stepper or model.decoder).capabilities.memory_padding_invariant and \
+        model.decoder.capabilities.memory_padding_invariant
     if not shareable:
         for i, (memory, mask) in enumerate(encoded):
             run(memory, mask, [i])
