@@ -1,25 +1,30 @@
-"""Decoding throughput: the cached beam search against the same search re-running the prefix every step.
+"""Decoding throughput on real test images: batch sizes 1 and 8 per decoder, and CoMER's search against the
+official code and the re-run-the-prefix variant.
 
-    python benchmarks/decode.py [MODEL_DIR] [--images A.png B.png] [--repeat 4] [--threads 2] [--beam 10]
+    python benchmarks/decode.py [--models abm bttr comer hmer_mtl] [--images 50] [--compare-images 8]
+                                [--threads 2] [--official-repo DIR]
 
-Both variants run ``hmerzoo.decoding.recognize_tensors`` - each image encoded alone, then one batched beam
-search over all images, then the rescoring pass - on the same weights and images in one process. The only
-difference is the decoder interface the search drives: the decoder's own KV-cached ``init_state`` / ``step`` /
-``reorder_state``, or :class:`hmerzoo.decoding.PrefixRecomputingDecoder`, which re-runs the decoder over every
-hypothesis's whole prefix at every step with the image memory copied per hypothesis, as the official searches do.
-images/s counts everything from image tensors to chosen hypotheses (encoder included). The script checks that both
-variants return the same hypotheses (tokens equal, scores within 1e-5) and exits 1 if not.
+Models: the parity fixture weights ($HMERZOO_SHARED/fixtures/parity/<model>, default ../shared), converted with
+``hmerzoo convert`` into a temporary directory, each decoded with its recipe's mode (beam 10, ``per_image``
+batching). Images: the first ``--images`` of CROHME 2014 ($HMERZOO_SHARED/data/crohme/2014.zip), read and scaled
+as ``hmerzoo eval`` reads them, plus the two fixture images (on which the weights were calibrated; they finish in a
+few steps, real images run much longer). images/s counts everything from image tensors to chosen hypotheses.
 
-Default model: the BTTR parity fixture weights (``fixtures/parity/bttr`` under $HMERZOO_SHARED or ../shared),
-converted to a temporary directory; default images: the two fixture images, each repeated ``--repeat`` times.
-The reference figure is the official CoMER beam search: 0.31 images/s on 2 CPU threads, beam 10, bidirectional.
+Table 1, per model: images/s with 1 image per search and with 8 (``recognize_tensors`` with ``batch_size`` 1 / 8,
+in the same process, one after the other); the two must give the same hypotheses (exit 1 if not).
+
+Table 2, CoMER on the first ``--compare-images`` real images, one image per ``recognize`` call: hmerzoo's cached
+search; the same search re-running the prefix every step (:class:`hmerzoo.decoding.PrefixRecomputingDecoder`);
+and the official ``approximate_joint_search`` on the same weights and image tensors, imported at run time from
+``--official-repo`` (an export of Green-Wood/CoMER, default $HMER_REF_REPO) with the parity tools' import stubs
+($HMERZOO_SHARED/fixtures/parity/tools/stubs). That column is skipped when the official tree is absent. The official
+and hmerzoo best hypotheses must agree.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -30,129 +35,164 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-OFFICIAL_COMER_IMAGES_PER_S = 0.31  # official CoMER beam search, 2 CPU threads, beam 10, bidirectional
-TARGET_IMAGES_PER_S = 6.0
-SCORE_TOL = 1e-5
+MODELS = ("abm", "bttr", "comer", "hmer_mtl")
+TARGET_SPEEDUP_VS_OFFICIAL = 20.0
+TARGET_BATCHED_IMAGES_PER_S = 8.0
 
 
-def fixture_dir() -> Path:
-    shared = Path(os.environ.get("HMERZOO_SHARED", REPO.parent / "shared"))
-    return shared / "fixtures" / "parity" / "bttr"
+def shared_dir() -> Path:
+    return Path(os.environ.get("HMERZOO_SHARED", REPO.parent / "shared"))
 
 
-def load(model_arg: str | None, workdir: Path):
+def load_model(name: str, workdir: Path):
     import hmerzoo
     from hmerzoo.convert import convert
 
-    if model_arg:
-        return hmerzoo.load_model(model_arg), model_arg
-    weights = fixture_dir() / "state_dict.safetensors"
+    weights = shared_dir() / "fixtures" / "parity" / name / "state_dict.safetensors"
     if not weights.is_file():
-        raise SystemExit(f"no model directory given and the BTTR fixture weights are not at {weights} "
-                         "(set HMERZOO_SHARED or pass a model directory)")
-    return hmerzoo.load_model(convert("bttr", weights, workdir / "bttr")), f"converted {weights}"
+        raise SystemExit(f"{name}: fixture weights not found at {weights} (set HMERZOO_SHARED)")
+    model = hmerzoo.load_model(convert(name, weights, workdir / name))
+    return model.eval()
 
 
-def default_images() -> list[Path]:
-    d = fixture_dir()
-    return sorted(d.glob("image*.png"))
+def real_images(model, count: int) -> list[torch.Tensor]:
+    """The first ``count`` CROHME-2014 test images, as ``hmerzoo eval`` reads them for this model."""
+    from hmerzoo.data.crohme import CrohmeDataset
+    from hmerzoo.data.transforms import ScaleToLimitRange
+
+    dataset = CrohmeDataset(shared_dir() / "data" / "crohme", "2014", model.vocab)
+    scale = ScaleToLimitRange() if ((model.recipe or {}).get("data") or {}).get("scale_to_limit") else None
+    images = [dataset.load_image(i) for i in range(min(count, len(dataset)))]
+    return [scale(image) if scale is not None else image for image in images]
 
 
-def differences(a, b) -> list[str]:
-    """Where two lists of search results disagree (empty: identical within SCORE_TOL)."""
-    problems = []
-    for i, (x, y) in enumerate(zip(a, b)):
-        if [h.tokens for h in x.hypotheses] != [h.tokens for h in y.hypotheses]:
-            problems.append(f"image {i}: different hypotheses")
-            continue
-        for kind in ("search_score", "score"):
-            gap = max(abs(getattr(h, kind) - getattr(g, kind)) for h, g in zip(x.hypotheses, y.hypotheses))
-            if gap > SCORE_TOL:
-                problems.append(f"image {i}: {kind} differs by {gap:.2e}")
-        if x.best.tokens != y.best.tokens:
-            problems.append(f"image {i}: different best hypothesis")
-    if len(a) != len(b):
-        problems.append(f"{len(a)} vs {len(b)} results")
-    return problems
+def fixture_images(model, name: str) -> list[torch.Tensor]:
+    from hmerzoo.decoding.recognize import image_tensors
+
+    paths = sorted((shared_dir() / "fixtures" / "parity" / name).glob("image*.png"))
+    return image_tensors([str(p) for p in paths], model.recipe)
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def same(a, b) -> bool:
+    return [[h.tokens for h in r.hypotheses] for r in a] == [[h.tokens for h in r.hypotheses] for r in b]
+
+
+def batch_table(models: dict, counts: int, markdown: list[str]) -> bool:
+    """Table 1; returns whether every batched result equals the one-image result."""
+    from hmerzoo.decoding import decode_config, recognize_tensors
+
+    ok = True
+    print(f"\n| model (mode) | images | 1 per search, img/s | 8 per search, img/s | batched / single |")
+    print("|---|---|---|---|---|")
+    for name, model in models.items():
+        for label, tensors in (("CROHME 2014", real_images(model, counts)), ("fixture x4", fixture_images(model, name) * 4)):
+            rates, outs = {}, {}
+            recognize_tensors(model, tensors[:1], decode_config(model.recipe, batch_size=1))  # warm-up
+            for bs in (1, 8):
+                seconds, outs[bs] = timed(lambda: recognize_tensors(model, tensors,
+                                                                    decode_config(model.recipe, batch_size=bs)))
+                rates[bs] = len(tensors) / seconds
+            agree = same(outs[1], outs[8])
+            ok &= agree
+            row = (f"| {name} ({model.recipe['decode']['mode']}) | {label}, {len(tensors)} | {rates[1]:.2f} | "
+                   f"{rates[8]:.2f} | {rates[8] / rates[1]:.2f}x{'' if agree else ' (OUTPUTS DIFFER)'} |")
+            print(row, flush=True)
+            markdown.append(row)
+    return ok
+
+
+def official_comer(repo: Path, weights: Path):
+    """The official LitCoMER with the fixture weights, or None when the official tree is absent."""
+    stubs = shared_dir() / "fixtures" / "parity" / "tools" / "stubs"
+    if not (repo / "comer" / "lit_comer.py").is_file() or not stubs.is_dir():
+        return None
+    import yaml
+    from safetensors.torch import load_file
+
+    for p in (str(stubs), str(repo)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    from comer.lit_comer import LitCoMER  # type: ignore[import-not-found]
+
+    hp = yaml.safe_load((repo / "config.yaml").read_text())["model"]
+    lit = LitCoMER(**hp)
+    lit.load_state_dict(load_file(str(weights)), strict=True)
+    return lit.eval()
+
+
+def comer_table(model, count: int, repo: Path | None, markdown: list[str]) -> bool:
+    """Table 2; returns whether the official best hypotheses equal hmerzoo's."""
+    from hmerzoo.decoding import PrefixRecomputingDecoder, decode_config, recognize_tensors
+
+    tensors = real_images(model, count)
+    single = decode_config(model.recipe, batch_size=1)
+    recognize_tensors(model, tensors[:1], single)  # warm-up
+    rows = []
+    seconds, ours = timed(lambda: [recognize_tensors(model, [t], single)[0] for t in tensors])
+    rows.append(("hmerzoo, cached search", seconds))
+    prefix = PrefixRecomputingDecoder(model.decoder)
+    seconds, rerun = timed(lambda: [recognize_tensors(model, [t], single, stepper=prefix)[0] for t in tensors])
+    rows.append(("hmerzoo, re-run the prefix each step", seconds))
+    ok = same(ours, rerun)
+    lit = official_comer(repo, shared_dir() / "fixtures" / "parity" / "comer" / "state_dict.safetensors") \
+        if repo is not None else None
+    if lit is not None:
+        def run_official():
+            with torch.no_grad():
+                return [lit.approximate_joint_search(t[None], torch.zeros_like(t, dtype=torch.bool))[0]
+                        for t in tensors]
+        seconds, official = timed(run_official)
+        rows.append(("official approximate_joint_search", seconds))
+        agree = [list(h.seq) for h in official] == [r.best.tokens for r in ours]
+        ok &= agree
+        if not agree:
+            print("official and hmerzoo best hypotheses differ", file=sys.stderr)
+    base = rows[-1][1] if lit is not None else None
+    print(f"\nCoMER, one image per search, beam 10, bidirectional, {count} CROHME-2014 images")
+    print("| search | img/s | hmerzoo cached is faster by |")
+    print("|---|---|---|")
+    for label, seconds in rows:
+        row = f"| {label} | {count / seconds:.3f} | {seconds / rows[0][1]:.1f}x |"
+        print(row, flush=True)
+        markdown.append(row)
+    if base is None:
+        print("(official column skipped: no official tree; pass --official-repo or set HMER_REF_REPO)")
+    else:
+        speedup = base / rows[0][1]
+        print(f"single-image speed-up vs official: {speedup:.1f}x (target {TARGET_SPEEDUP_VS_OFFICIAL:.0f}x: "
+              f"{'met' if speedup >= TARGET_SPEEDUP_VS_OFFICIAL else 'NOT met'})")
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default=None,
-                        help="model directory (default: the BTTR fixture weights, converted)")
-    parser.add_argument("--images", nargs="+", type=Path, default=None, help="images (default: the fixture images)")
-    parser.add_argument("--repeat", type=int, default=4, help="each image this many times (default 4)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--images", type=int, default=50, help="first N CROHME-2014 test images (default 50)")
+    parser.add_argument("--compare-images", type=int, default=8,
+                        help="CoMER vs official / re-run-the-prefix on the first N images (default 8; 0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--beam", type=int, default=10, help="beam size (default 10)")
-    parser.add_argument("--mode", default="bttr", help="decode mode (default bttr: bidirectional + rescoring)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per search (default: all of them, in one search)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant; the median counts")
-    parser.add_argument("--markdown", action="store_true", help="also print the result as markdown table rows")
+    parser.add_argument("--official-repo", type=Path, default=os.environ.get("HMER_REF_REPO"),
+                        help="export of the official Green-Wood/CoMER tree (default $HMER_REF_REPO)")
     args = parser.parse_args(argv)
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from hmerzoo.decoding import PrefixRecomputingDecoder, decode_config, recognize_tensors
-    from hmerzoo.decoding.recognize import image_tensors
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=160)
     torch.set_num_threads(args.threads)
+    markdown: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        model, source = load(args.model, Path(tmp))
-    model.eval()
-    paths = args.images or default_images()
-    if not paths:
-        raise SystemExit("no images: pass --images")
-    tensors = image_tensors([str(p) for p in paths], model.recipe) * args.repeat
-    config = decode_config(model.recipe, beam_size=args.beam, mode=args.mode,
-                           batch_size=args.batch_size or len(tensors))
-    variants = {"KV cache (hmerzoo)": None, "re-run the prefix (official)": PrefixRecomputingDecoder(model.decoder)}
-
-    recognize_tensors(model, tensors[:2], config)  # warm-up: allocator, oneDNN kernels
-    timings: dict[str, list[float]] = {}
-    outputs = {}
-    for name, stepper in variants.items():
-        seconds = []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            outputs[name] = recognize_tensors(model, tensors, config, stepper=stepper)
-            seconds.append(time.perf_counter() - start)
-        timings[name] = seconds
-    problems = differences(*outputs.values())
-
-    n = len(tensors)
-    rates = {name: n / statistics.median(s) for name, s in timings.items()}
-    cached, rerun = rates.values()
-    table = Table(title=f"beam search, {config.mode} mode, beam {config.beam_size}, {n} images, up to "
-                        f"{config.batch_size} per search, {torch.get_num_threads()} CPU threads", title_justify="left")
-    for column in ("search", "images/s", "s per round (median, min)", "vs official CoMER 0.31 img/s"):
-        table.add_column(column, justify="left" if column == "search" else "right")
-    for name, seconds in timings.items():
-        table.add_row(name, f"{rates[name]:.2f}", f"{statistics.median(seconds):.2f}, {min(seconds):.2f}",
-                      f"{rates[name] / OFFICIAL_COMER_IMAGES_PER_S:.1f}x")
-    console.print(table)
-    console.print(f"cached / re-run the prefix: {cached / rerun:.2f}x; target {TARGET_IMAGES_PER_S} images/s: "
-                  f"{'met' if cached >= TARGET_IMAGES_PER_S else 'NOT met'}", markup=False)
-    console.print(f"model: {source}; images: {', '.join(p.name for p in paths)} x {args.repeat}; "
-                  f"torch {torch.__version__}", markup=False)
-    if args.markdown:
-        command = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        print("\n| search | images/s | s per round (median, min) | vs official CoMER (0.31 img/s) |")
-        print("|---|---|---|---|")
-        for name, seconds in timings.items():
-            print(f"| {name} | {rates[name]:.2f} | {statistics.median(seconds):.2f}, {min(seconds):.2f} | "
-                  f"{rates[name] / OFFICIAL_COMER_IMAGES_PER_S:.1f}x |")
-        print(f"\ncommand: `{command}`")
-    if problems:
-        console.print("[bold red]outputs differ:[/] " + "; ".join(problems))
-        return 1
-    console.print("outputs identical: every hypothesis's tokens equal, scores within 1e-5", markup=False)
-    return 0
+        models = {name: load_model(name, Path(tmp)) for name in args.models}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    ok = batch_table(models, args.images, markdown)
+    if args.compare_images and "comer" in models:
+        ok &= comer_table(models["comer"], args.compare_images, args.official_repo, markdown)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print("command: python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

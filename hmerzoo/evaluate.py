@@ -3,7 +3,8 @@
 Every sample of a split is recognised (nothing is dropped: an unreadable image or a caption token outside the
 model's vocabulary stops the run with a message naming it). Images are read one by one at their own size (CoMER's
 ScaleToLimitRange applied when the model's recipe trained with ``data.scale_to_limit``) and handed to
-``model.recognize`` unpadded, in chunks of ``decode.batch_size``; with ``batching=per_image`` each is decoded
+``model.recognize`` unpadded, in chunks of several ``decode.batch_size`` (so that ``per_image`` batching can put
+images of similar size into one search); with ``batching=per_image`` each result is that of the image decoded
 alone, so the numbers do not depend on the chunking.
 
 The metric is token edit distance between the predicted and the reference LaTeX token sequences
@@ -40,6 +41,9 @@ METRIC = ("token edit distance: ExpRate, <=1, <=2, <=3 are the fractions of expr
 PREDICTIONS_FILE = "predictions.jsonl"
 SUMMARY_FILE = "summary.json"
 LIMIT_SEED = 0  # --limit takes the same seeded subset every time, so quick runs compare
+# images per recognize call (rounded to a multiple of batch_size): enough for per_image batching to find images
+# of similar size to search together, few enough for steady progress reports
+RECOGNIZE_CHUNK = 64
 
 
 def default_out_dir(model_path: str | os.PathLike) -> Path:
@@ -100,7 +104,8 @@ def evaluate_split(model: Any, data_root: str | os.PathLike, split: str, decode:
     recipe_data = ((getattr(model, "recipe", None) or {}).get("data")) or {}
     transform = ScaleToLimitRange() if recipe_data.get("scale_to_limit") else None
     device = next(model.parameters()).device
-    chunk_size = int(decode["batch_size"])
+    batch_size = int(decode["batch_size"])
+    chunk_size = batch_size * max(1, RECOGNIZE_CHUNK // batch_size)  # padded batching keeps its batches
     meter = ExpRateMeter()
     started = time.perf_counter()
     with _Progress(console, str(split), len(indices)) as progress:

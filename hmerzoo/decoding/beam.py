@@ -55,7 +55,7 @@ def beam_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, d
 
     ``memory`` [M,...] / ``memory_mask``: the encoded images (padded ones only if the decoder is
     ``memory_padding_invariant``). Group g searches memory row ``memory_index[g]`` (default: g) in direction
-    ``directions[g]``. A decoder that cannot mix directions in one state (``supports_mixed_directions``) gets one
+    ``directions[g]``. A decoder that cannot mix directions in one state (its declared ``capabilities``) gets one
     batch per direction; groups never interact, so that changes no result.
     """
     num_groups = len(directions)
@@ -66,7 +66,7 @@ def beam_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, d
     if beam_size < 1 or max_len < 1:
         raise ValueError(f"beam_search: beam_size and max_len must be at least 1, got {beam_size} and {max_len}")
     kinds = sorted(set(directions))
-    if len(kinds) <= 1 or decoder.supports_mixed_directions:
+    if len(kinds) <= 1 or decoder.capabilities.supports_mixed_directions:
         batches = [list(range(num_groups))]
     else:
         batches = [[g for g in range(num_groups) if directions[g] == d] for d in kinds]

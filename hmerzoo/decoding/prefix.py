@@ -30,12 +30,9 @@ class PrefixRecomputingDecoder:
     """A decoder's incremental interface, implemented by re-running its prefix each step (benchmark only)."""
 
     def __init__(self, decoder: Any):
-        if not hasattr(decoder, "prefix_logits"):
-            raise TypeError(f"{type(decoder).__name__} has no prefix_logits(memory, mask, inputs, direction); "
-                            "subclass hmerzoo.decoders.base.SequenceDecoder for its default")
         self.decoder = decoder
-        self.supports_mixed_directions = getattr(decoder, "supports_mixed_directions", False)
-        self.memory_padding_invariant = getattr(decoder, "memory_padding_invariant", False)
+        # what the search reads: the wrapped decoder's declarations (the prefix is re-run with its memory layout)
+        self.capabilities = decoder.capabilities
 
     def init_state(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                    direction: str | Sequence[str] = "l2r") -> PrefixState:

@@ -7,7 +7,8 @@ Batching (``decode.batching``):
   batched: the memories of up to ``batch_size`` images are padded to a common size with the padding masked, which
   a ``memory_padding_invariant`` decoder (cross-attention masked, nothing else reading the memory) decodes exactly
   as each memory alone (up to float rounding, ~1e-6: the same sums in another order). Images are grouped by memory
-  size first so little padding is needed. Other decoders decode each image alone.
+  size so that padding wastes at most a quarter of a search's work (:func:`size_groups`): a step costs per
+  hypothesis in proportion to its padded memory. Other decoders decode each image alone.
 - ``padded``: images are padded into batches of ``batch_size`` (in the given order) and encoded together, as the
   official CoMER evaluation did; faster, but a result depends on the batch it lands in.
 """
@@ -21,6 +22,9 @@ from ..batch import pad_images
 from ..config import DecodeConfig
 from ..data import images as image_io
 from .modes import SearchResult, mode_function, search
+
+# padded memory positions a shared search may waste, as a fraction of the real ones (see size_groups)
+PADDING_SLACK = 1.25
 
 
 def decode_config(recipe: dict | None, **overrides: Any) -> DecodeConfig:
@@ -82,15 +86,46 @@ def recognize_tensors(model: Any, tensors: list[torch.Tensor], config: DecodeCon
     for t in tensors:
         images, image_mask = pad_images([t])  # one image: no padding, an all-False mask
         encoded.append(model.encode(images.to(device), image_mask.to(device)))
-    shareable = (stepper or model.decoder).memory_padding_invariant and model.decoder.memory_padding_invariant
+    shareable = (stepper or model.decoder).capabilities.memory_padding_invariant and \
+        model.decoder.capabilities.memory_padding_invariant
     if not shareable:
         for i, (memory, mask) in enumerate(encoded):
             run(memory, mask, [i])
         return results  # type: ignore[return-value]
     # similar sizes share a search, so the padded memory wastes little; results do not depend on the grouping
-    order = sorted(range(len(tensors)), key=lambda i: encoded[i][0].shape[1:-1].numel(), reverse=True)
-    for start in range(0, len(order), config.batch_size):
-        which = order[start:start + config.batch_size]
+    for which in size_groups([tuple(m.shape[1:-1]) for m, _ in encoded], config.batch_size):
         memory, mask = pad_memories([encoded[i][0] for i in which], [encoded[i][1] for i in which])
         run(memory, mask, which)
     return results  # type: ignore[return-value]
+
+
+def size_groups(sizes: Sequence[tuple[int, ...]], batch_size: int, slack: float = PADDING_SLACK) -> list[list[int]]:
+    """Indices of memories (spatial ``sizes``) grouped for shared searches: at most ``batch_size`` each, and the
+    padded area of a group (count x the largest extent on every axis) at most ``slack`` times its real area.
+
+    A search step costs per hypothesis in proportion to its (padded) memory, so one large image padding seven
+    small ones makes the batch slower than searching each alone; grouping by area alone is not enough (a wide and
+    a tall image of the same area pad each other to a square)."""
+    order = sorted(range(len(sizes)), key=lambda i: (_area(sizes[i]), sizes[i]), reverse=True)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        if current:
+            extent = [max(sizes[j][axis] for j in current + [i]) for axis in range(len(sizes[i]))]
+            padded = (len(current) + 1) * _area(extent)
+            if len(current) == batch_size or padded > slack * (real + _area(sizes[i])):
+                groups.append(current)
+                current, real = [], 0
+        current.append(i)
+        real += _area(sizes[i])
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _area(size: Sequence[int]) -> int:
+    out = 1
+    for s in size:
+        out *= int(s)
+    return out
