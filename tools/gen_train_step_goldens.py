@@ -157,10 +157,13 @@ def save(system: str, exact: dict, single: dict, meta: dict, out: Path) -> None:
     if exact["no_grad"] or set(GRAD_PARAMS[system]) - set(exact["grads"]):
         raise SystemExit(f"{system}: parameters without a gradient: {exact['no_grad']}")
     tensors = {f"loss.{k}": v for k, v in exact["terms"].items()}
-    strides = {}
+    strides, noise = {}, {}
     for name in GRAD_PARAMS[system]:
         strides[name] = stride_for(exact["grads"][name].numel())
         tensors[f"grad.{name}"] = exact["grads"][name].flatten()[::strides[name]].float().clone()
+        # the official float32 gradient's largest error, in units of the gradient's largest magnitude
+        g64, g32 = exact["grads"][name], single["grads"][name].double()
+        noise[name] = float((g32 - g64).abs().max() / g64.abs().max().clamp_min(1e-300))
     tensors["grad_norms"] = exact["norms"]
     # the official float32 run against the float64 one: the noise any float32 implementation carries
     scale = exact["norms"].max()
@@ -172,6 +175,7 @@ def save(system: str, exact: dict, single: dict, meta: dict, out: Path) -> None:
         "system": system,
         "official_repo": meta["repo"], "official_commit": meta["commit"],
         "grad_strides": json.dumps(strides), "grad_norm_names": json.dumps(exact["names"]),
+        "official_float32_grad_noise": json.dumps(noise),
         "official_float32_vs_float64": json.dumps(fp32),
         "torch": torch.__version__, "generator": "tools/gen_train_step_goldens.py",
         "mode": "official code in float64 on the CPU, eval mode (dropout off, BatchNorm running statistics); "
@@ -182,7 +186,8 @@ def save(system: str, exact: dict, single: dict, meta: dict, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     print(f"{system}: {path} ({path.stat().st_size} bytes); losses "
           + ", ".join(f"{k}={float(v):.8f}" for k, v in exact["terms"].items())
-          + f"; official float32 vs float64: {fp32}", flush=True)
+          + f"; official float32 vs float64: {fp32}; largest float32 gradient noise: "
+          + str(max(noise.items(), key=lambda kv: kv[1])), flush=True)
 
 
 def _load_fixture(fixture: Path):
