@@ -73,7 +73,8 @@ class RowIndex:
         """Every (hmerzoo parameter, first row) whose rows hold exactly this official tensor."""
         n = official.shape[0] if official.dim() else 1
         flat = official.reshape(n, -1)
-        return [(name, start) for name, start in self.index.get((tuple(official.shape[1:]), flat[0].numpy().tobytes()), [])
+        key = (tuple(official.shape[1:]), flat[0].numpy().tobytes())
+        return [(name, start) for name, start in self.index.get(key, [])
                 if torch.equal(self.rows[name][start:start + n], flat)]
 
 

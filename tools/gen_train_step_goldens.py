@@ -1,8 +1,8 @@
 """Generate the training-step parity goldens in tests/goldens/train_step/ by running the OFFICIAL code.
 
 For each system (ABM, BTTR, CoMER, HMER-MTL) this loads the parity-fixture weights into the official model, puts it
-in eval mode (dropout off, BatchNorm on its running statistics) and in float64, computes the official training loss on the fixture
-batch with every term as the official training step computes it, calls backward, and stores:
+in eval mode (dropout off, BatchNorm on its running statistics) and in float64, computes the official training loss
+on the fixture batch with every term as the official training step computes it, calls backward, and stores:
 
 - ``loss.<term>``: the loss terms (0-d float64);
 - ``grad.<official parameter name>``: the gradient of a few named parameters, one or more per module family
