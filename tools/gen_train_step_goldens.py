@@ -34,10 +34,12 @@ Needs (nothing of it is imported by hmerzoo or its tests):
 - exported trees of the official repositories at the commits recorded in each fixture's meta.json
   (Green-Wood/BTTR, Green-Wood/CoMER, XH-B/ABM, trungtndev/HMER-MTL), given with ``--bttr-repo``, ``--comer-repo``,
   ``--abm-repo``, ``--mtl-repo`` (or $HMER_REF_BTTR, $HMER_REF_COMER, $HMER_REF_ABM, $HMER_REF_MTL). Only their
-  .py/.yaml/.txt files are needed. The official code is imported at run time only; none of it is in this project.
+  .py/.yaml/.txt files are needed (e.g. ``git archive <commit>`` of a clone, skipping the large checkpoint and data
+  files). The official code is imported at run time only; none of it is in this project.
 - torch, safetensors, numpy, PyYAML, Pillow (the hmerzoo venv has them).
 
-Run from the project root (about a minute on 2 CPU threads)::
+Run from the project root (a few minutes on 2 CPU threads: every system runs in float64, then in float32 to
+measure the official code's own rounding noise)::
 
     python tools/gen_train_step_goldens.py --bttr-repo /path/BTTR --comer-repo /path/CoMER \\
         --abm-repo /path/ABM --mtl-repo /path/HMER-MTL [--only comer ...] [--out tests/goldens/train_step]
