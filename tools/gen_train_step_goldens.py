@@ -1,8 +1,8 @@
 """Generate the training-step parity goldens in tests/goldens/train_step/ by running the OFFICIAL code.
 
 For each system (ABM, BTTR, CoMER, HMER-MTL) this loads the parity-fixture weights into the official model, puts it
-in eval mode (dropout off, BatchNorm on its running statistics) and in float64, computes the official training loss on the fixture
-batch with every term as the official training step computes it, calls backward, and stores:
+in eval mode (dropout off, BatchNorm on its running statistics) and in float64, computes the official training loss
+on the fixture batch with every term as the official training step computes it, calls backward, and stores:
 
 - ``loss.<term>``: the loss terms (0-d float64);
 - ``grad.<official parameter name>``: the gradient of a few named parameters, one or more per module family
@@ -34,10 +34,12 @@ Needs (nothing of it is imported by hmerzoo or its tests):
 - exported trees of the official repositories at the commits recorded in each fixture's meta.json
   (Green-Wood/BTTR, Green-Wood/CoMER, XH-B/ABM, trungtndev/HMER-MTL), given with ``--bttr-repo``, ``--comer-repo``,
   ``--abm-repo``, ``--mtl-repo`` (or $HMER_REF_BTTR, $HMER_REF_COMER, $HMER_REF_ABM, $HMER_REF_MTL). Only their
-  .py/.yaml/.txt files are needed. The official code is imported at run time only; none of it is in this project.
+  .py/.yaml/.txt files are needed (e.g. ``git archive <commit>`` of a clone, skipping the large checkpoint and data
+  files). The official code is imported at run time only; none of it is in this project.
 - torch, safetensors, numpy, PyYAML, Pillow (the hmerzoo venv has them).
 
-Run from the project root (about a minute on 2 CPU threads)::
+Run from the project root (a few minutes on 2 CPU threads: every system runs in float64, then in float32 to
+measure the official code's own rounding noise)::
 
     python tools/gen_train_step_goldens.py --bttr-repo /path/BTTR --comer-repo /path/CoMER \\
         --abm-repo /path/ABM --mtl-repo /path/HMER-MTL [--only comer ...] [--out tests/goldens/train_step]
@@ -157,10 +159,13 @@ def save(system: str, exact: dict, single: dict, meta: dict, out: Path) -> None:
     if exact["no_grad"] or set(GRAD_PARAMS[system]) - set(exact["grads"]):
         raise SystemExit(f"{system}: parameters without a gradient: {exact['no_grad']}")
     tensors = {f"loss.{k}": v for k, v in exact["terms"].items()}
-    strides = {}
+    strides, noise = {}, {}
     for name in GRAD_PARAMS[system]:
         strides[name] = stride_for(exact["grads"][name].numel())
         tensors[f"grad.{name}"] = exact["grads"][name].flatten()[::strides[name]].float().clone()
+        # the official float32 gradient's largest error, in units of the gradient's largest magnitude
+        g64, g32 = exact["grads"][name], single["grads"][name].double()
+        noise[name] = float((g32 - g64).abs().max() / g64.abs().max().clamp_min(1e-300))
     tensors["grad_norms"] = exact["norms"]
     # the official float32 run against the float64 one: the noise any float32 implementation carries
     scale = exact["norms"].max()
@@ -172,6 +177,7 @@ def save(system: str, exact: dict, single: dict, meta: dict, out: Path) -> None:
         "system": system,
         "official_repo": meta["repo"], "official_commit": meta["commit"],
         "grad_strides": json.dumps(strides), "grad_norm_names": json.dumps(exact["names"]),
+        "official_float32_grad_noise": json.dumps(noise),
         "official_float32_vs_float64": json.dumps(fp32),
         "torch": torch.__version__, "generator": "tools/gen_train_step_goldens.py",
         "mode": "official code in float64 on the CPU, eval mode (dropout off, BatchNorm running statistics); "
@@ -182,7 +188,8 @@ def save(system: str, exact: dict, single: dict, meta: dict, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     print(f"{system}: {path} ({path.stat().st_size} bytes); losses "
           + ", ".join(f"{k}={float(v):.8f}" for k, v in exact["terms"].items())
-          + f"; official float32 vs float64: {fp32}", flush=True)
+          + f"; official float32 vs float64: {fp32}; largest float32 gradient noise: "
+          + str(max(noise.items(), key=lambda kv: kv[1])), flush=True)
 
 
 def _load_fixture(fixture: Path):
