@@ -26,10 +26,16 @@ SYSTEMS = ("abm", "bttr", "comer", "hmer_mtl")
 RTOL = 1e-4
 # Absolute floor for gradients, as a fraction of the compared tensor's largest magnitude: elements far below that
 # scale are float32 rounding (sums of thousands of terms that cancel), so they are compared to the floor, not to
-# their own size. Measured against the float64 goldens, hmerzoo's float32 gradients are within 4e-5 of the scale
-# (first conv of ABM and HMER-MTL), most within 1e-5; the official code's own float32 run is up to 6e-3 off in ABM's
-# encoder (its attention exponentiates without subtracting the maximum) - the metadata of each golden records it.
-ATOL_FRACTION = 1e-4
+# their own size. Measured against the float64 goldens, hmerzoo's float32 gradients are within 1e-5 of the scale
+# except the first encoder layers of ABM and HMER-MTL: up to 6.4e-5 with 2 threads, 3e-6 with one (the rounding
+# depends on the thread count). The official code's own float32 run is up to 6e-3 off in ABM's encoder (its
+# attention exponentiates without subtracting the maximum); each golden's metadata records it.
+ATOL_FRACTION = 2e-4
+# Gradient norms: the same rounding moves a norm by up to 6.4e-5 (relative) with 2 threads, hence 2e-4; the floor
+# (a fraction of the largest norm) only covers norms that are analytically zero (e.g. the bias of an attention
+# energy, which softmax ignores: ~1e-8 here).
+NORM_RTOL = 2e-4
+NORM_FLOOR = 1e-6
 
 _CACHE: dict[str, dict] = {}
 
@@ -144,9 +150,9 @@ def test_goldens_are_small_and_complete(system: str) -> None:
     golden, metadata = load_golden(system)
     strides = json.loads(metadata["grad_strides"])
     names = json.loads(metadata["grad_norm_names"])
-    assert set(expected_terms(system, golden)) and torch.isfinite(golden["loss.total"])
-    terms = expected_terms(system, golden)
-    torch.testing.assert_close(sum(terms.values()), golden["loss.total"], rtol=1e-6, atol=0)
+    assert torch.isfinite(golden["loss.total"]) and float(golden["loss.total"]) > 0
+    # the terms hmerzoo reports add up to the official total
+    torch.testing.assert_close(sum(expected_terms(system, golden).values()), golden["loss.total"], rtol=1e-6, atol=0)
     assert len(strides) >= 15 and all(f"grad.{k}" in golden for k in strides)
     assert all(float(golden[f"grad.{k}"].abs().max()) > 0 for k in strides)  # every chosen parameter is reached
     assert golden["grad_norms"].shape == (len(names),) and float(golden["grad_norms"].max()) > 0
@@ -182,8 +188,9 @@ def test_every_gradient_norm(system: str, parity_dir: Path, tmp_path_factory: py
     names = json.loads(result["metadata"]["grad_norm_names"])
     ours = torch.stack([hmerzoo_grad(result, n).double().norm() for n in names])
     golden = result["golden"]["grad_norms"]
+    floor = NORM_FLOOR * float(golden.max())
     bad = [(n, float(a), float(b)) for n, a, b in zip(names, ours, golden)
-           if abs(float(a) - float(b)) > RTOL * abs(float(b)) + ATOL_FRACTION * float(golden.max())]
+           if abs(float(a) - float(b)) > NORM_RTOL * abs(float(b)) + floor]
     assert not bad, f"{system}: {len(bad)} of {len(names)} gradient norms differ (name, hmerzoo, official): {bad[:8]}"
     # every hmerzoo parameter is one of the official ones (or a packed group of them): nothing trains unchecked
     covered = {name for name, _ in result["mapping"].values()}
