@@ -83,7 +83,7 @@ def test_comer_projection_matches_official_encoder() -> None:
     """DenseNet + comer_projection (conv -> CoMER 2-D pos-enc -> LayerNorm) reproduce CoMER's encoder output."""
     from safetensors.torch import load_file
 
-    from hmerzoo.encoders.comer_projection import CoMERProjection
+    from hmerzoo.necks.comer_projection import CoMERProjection
     from hmerzoo.encoders.densenet import DenseNetB
 
     official = load_file(str(COMER_FIXTURES / "state_dict.safetensors"))

@@ -1,4 +1,4 @@
-"""Image encoders. Each component is one class in one file here, registered with ``@ENCODERS.register`` (or ``@NECKS.register`` for the projections that turn feature maps into decoder memory).
+"""Image encoders. Each component is one class in one file here, registered with ``@ENCODERS.register``.
 
 Every module of this package is imported here, so a new file registers its components without editing this file.
 """
