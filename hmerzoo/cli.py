@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="ExpRate, <=1, <=2, <=3 of a model on CROHME test splits")
     ev.add_argument("model", help="run directory or converted model directory")
-    ev.add_argument("--data", required=True, metavar="ROOT",
-                    help="data root: <split>/ folders or <split>.zip files (the BTTR/CoMER layout)")
+    ev.add_argument("--data", default=None, metavar="ROOT",
+                    help="data root: <split>/ folders or <split>.zip files (the BTTR/CoMER layout); default: "
+                         "$HMERZOO_DATA, the checkout's data/crohme, then ~/.cache/hmerzoo/datasets/crohme")
     ev.add_argument("--split", nargs="+", default=["2014", "2016", "2019"], metavar="SPLIT",
                     help="splits to evaluate (default: 2014 2016 2019)")
     ev.add_argument("--out", default=None, metavar="DIR",
