@@ -99,4 +99,9 @@ def test_train_without_a_data_argument(no_env, tmp_path):
     import hmerzoo
 
     assert len(hmerzoo.load_model(run).vocab) == 112  # data/crohme's 110 tokens + ABM's <sos> <eos>
+    # eval with no --data and no --split: the three test years of the same default root
+    assert main(["eval", str(run), "--limit", "1", "--beam", "1", "--max-len", "3", "--device", "cpu"]) in (0, None)
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert Path(summary["data"]) == (REPO / "data" / "crohme").resolve()
+    assert list(summary["splits"]) == ["2014", "2016", "2019"]
     print(f"trained 2 steps on data/crohme in {time.perf_counter() - start:.1f}s")
