@@ -171,11 +171,13 @@ def check_table(result: CheckResult):
     """The summary as a rich table: one row per split, problems first, then what training would drop."""
     from rich.table import Table
 
-    table = Table(title=f"hmerzoo data check {result.root}")
-    columns = [("samples", "samples"), ("bad image", "bad_images"), ("no image", "missing_images"),
-               ("unknown token", "unknown_tokens"), ("empty", "empty"), ("duplicate", "duplicates"),
-               ("no tab", "malformed"), (f"> {result.limits['max_image_pixels']} px", "too_big"),
-               (f"> {result.limits['max_len']} tokens", "too_long")]
+    table = Table(title=f"hmerzoo data check {result.root}",
+                  caption=f"problems: bad = image does not decode, missing = no image file, oov = caption with "
+                          f"tokens not in the dictionary, notab = malformed line; counted only: big = over "
+                          f"{result.limits['max_image_pixels']} px, long = over {result.limits['max_len']} tokens")
+    columns = [("samples", "samples"), ("bad", "bad_images"), ("missing", "missing_images"),
+               ("oov", "unknown_tokens"), ("empty", "empty"), ("dup", "duplicates"), ("notab", "malformed"),
+               ("big", "too_big"), ("long", "too_long")]
     table.add_column("split")
     for title, _ in columns:
         table.add_column(title, justify="right")
