@@ -171,7 +171,11 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
                                    progress=not args.quiet)
     note = "verified" if verified else "NOT verified: no checksum is known for this URL (pass --sha256 H)"
     print(f"sha256 {digest} ({note})")
-    print(f"wrote {root}; it is found without data.root when it is the user cache, else pass data.root={root}")
+    from .config import user_data_root
+
+    where = ("found without data.root" if root == user_data_root() else f"use it with data.root={root} or "
+             f"HMERZOO_DATA={root}")
+    print(f"wrote {root} ({where})")
     return 0
 
 
