@@ -157,7 +157,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 DEFAULT_SPLITS = ("2014", "2016", "2019")  # the CROHME test years
 
 
-def run_eval(model_path: str, data_root: str | None = None, splits: Sequence[str] = DEFAULT_SPLITS, beam_size: int | None = None,
+def run_eval(model_path: str, data_root: str | None = None, splits: Sequence[str] = DEFAULT_SPLITS,
+             beam_size: int | None = None,
              out_dir: str | os.PathLike | None = None, limit: int | None = None, batching: str | None = None,
              batch_size: int | None = None, mode: str | None = None, max_len: int | None = None,
              device: str = "auto",
