@@ -16,7 +16,8 @@ import torch
 # the directory layout is checkpoint.py's (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE stay importable from here)
 from .checkpoint import (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE, WEIGHTS_SUFFIX, find_model_dir, find_weights,
                          load_weights)
-from .errors import CheckpointError, DataError, RecipeError
+from .config import resolve_dictionary
+from .errors import CheckpointError, RecipeError
 from .model import HMERModel
 from .recipe import load_recipe, validate_recipe
 from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, Registry
@@ -51,17 +52,9 @@ def build_component(reg: Registry, node: dict, path: str, injected: dict[str, An
 
 def vocab_from_recipe(recipe: dict) -> Vocabulary:
     vcfg = recipe.get("vocab") or {}
-    dictionary = vcfg.get("dictionary")
-    if dictionary is None:
-        root = (recipe.get("data") or {}).get("root")
-        if root is None:
-            raise RecipeError("vocab.dictionary: not set, and data.root is not set either; give the dictionary file "
-                              "(vocab.dictionary=path/to/dictionary.txt) or the data root (data.root=DIR)")
-        if not os.path.exists(os.path.expanduser(str(root))):
-            raise DataError(f"data root '{root}' does not exist (the vocabulary is read from its dictionary.txt "
-                            "unless vocab.dictionary is set): set data.root=DIR to the folder with the <split>/ "
-                            "folders or <split>.zip files and dictionary.txt")
-        dictionary = os.path.join(os.path.expanduser(str(root)), "dictionary.txt")
+    # no vocab.dictionary: the data root's dictionary.txt, the root resolved as for training (data.root,
+    # $HMERZOO_DATA, the checkout's data/crohme, the user cache)
+    dictionary = resolve_dictionary(vcfg.get("dictionary"), (recipe.get("data") or {}).get("root"))
     specials = vcfg.get("specials")
     if specials is None:  # an empty list is meaningful: the dictionary lists its special tokens itself (ABM)
         specials = ["<pad>", "<sos>", "<eos>"]

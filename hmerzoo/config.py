@@ -10,18 +10,86 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing
 from typing import Any, Union
 
-from .errors import RecipeError, did_you_mean
+from pathlib import Path
+
+from .errors import DataError, RecipeError, did_you_mean
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision
 NONFINITE_POLICIES = ("error", "skip")  # train.nonfinite
 VAL_METRICS = ("val/loss", "val/exprate", "val/le1", "val/le2", "val/le3")  # train.monitor
 BATCHING = ("per_image", "padded")  # decode.batching
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+# where a data root is looked for when the recipe sets none (resolve_data_root)
+DATA_ENV = "HMERZOO_DATA"  # a data root
+HOME_ENV = "HMERZOO_HOME"  # hmerzoo's user folder (default ~/.cache/hmerzoo); datasets/crohme holds fetched data
+DICTIONARY_FILE = "dictionary.txt"
+
+
+def repo_data_root() -> Path:
+    """``data/crohme`` of the repository this package was imported from (present in a checkout, absent from
+    an installed wheel, which does not carry the data)."""
+    return Path(__file__).resolve().parent.parent / "data" / "crohme"
+
+
+def user_data_root() -> Path:
+    """Where ``hmerzoo data fetch crohme`` puts the data: ``$HMERZOO_HOME/datasets/crohme``."""
+    home = os.environ.get(HOME_ENV) or os.path.join("~", ".cache", "hmerzoo")
+    return Path(home).expanduser() / "datasets" / "crohme"
+
+
+def _looks_like_data_root(path: Path) -> bool:
+    return (path / DICTIONARY_FILE).is_file() or (path / "train.zip").is_file() or (path / "train").is_dir()
+
+
+def resolve_data_root(root: str | os.PathLike | None = None) -> str:
+    """The data root to use: ``root`` (the recipe's ``data.root`` or an override) when given, else
+    ``$HMERZOO_DATA``, else the repository's ``data/crohme`` (a checkout), else the user cache
+    (``$HMERZOO_HOME/datasets/crohme``, default ``~/.cache/hmerzoo/datasets/crohme``).
+
+    An explicit root or ``$HMERZOO_DATA`` is returned as given (``~`` expanded) for the reader to check, so a typo
+    is reported as that path, not silently replaced by a default.
+    """
+    if root is not None:
+        return os.path.expanduser(str(root))
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return os.path.expanduser(env)
+    tried = []
+    for candidate in (repo_data_root(), user_data_root()):
+        if _looks_like_data_root(candidate):
+            return str(candidate)
+        tried.append(str(candidate))
+    raise DataError("no data root: data.root is not set, $HMERZOO_DATA is not set, and no CROHME data was found at "
+                    + " or ".join(tried) + "; run `hmerzoo data fetch crohme` to download it, or set "
+                    "data.root=DIR (a folder of <split>/ folders or <split>.zip files and dictionary.txt)")
+
+
+def resolve_dictionary(dictionary: str | os.PathLike | None, root: str | os.PathLike | None) -> str:
+    """``vocab.dictionary`` when given, else the resolved data root's ``dictionary.txt``."""
+    if dictionary is not None:
+        return os.path.expanduser(str(dictionary))
+    resolved = resolve_data_root(root)
+    if not os.path.exists(resolved):
+        raise DataError(f"data root '{resolved}' does not exist (the vocabulary is read from its {DICTIONARY_FILE} "
+                        "unless vocab.dictionary is set): set data.root=DIR to the folder with the <split>/ "
+                        f"folders or <split>.zip files and {DICTIONARY_FILE}")
+    return os.path.join(resolved, DICTIONARY_FILE)
+
+
+def holdout_size(val_holdout: int | None, num_train: int) -> int:
+    """Samples held out of training for validation: ``data.val_holdout`` when set, else min(500, 10% of the
+    training split) — 500 on full CROHME (8,835), 6 on a 64-image sample."""
+    if val_holdout is not None:
+        return val_holdout
+    return min(500, num_train // 10)
 
 
 class SectionError(RecipeError, ValueError):
@@ -88,13 +156,15 @@ class VocabConfig(Section):
 
 @dataclasses.dataclass
 class DataConfig(Section):
-    root: str | None = None  # directory with <split>/ folders or <split>.zip files (the BTTR/CoMER layout)
+    # directory with <split>/ folders or <split>.zip files (the BTTR/CoMER layout); None: $HMERZOO_DATA, the
+    # repository's data/crohme, then ~/.cache/hmerzoo/datasets/crohme (resolve_data_root)
+    root: str | None = None
     train_split: str | int = "train"
     # Validation: None = a seeded held-out slice of the training split (val_holdout samples, removed from
     # training). A split name such as "2014" validates on that test set - the protocol of the BTTR/CoMER/ABM
     # papers, which choose checkpoints and decay the learning rate on the test year.
     val_split: str | int | None = None
-    val_holdout: int = 500
+    val_holdout: int | None = None  # None: min(500, 10% of the training split) (holdout_size); 0: no validation
     val_limit: int | None = None  # validate on at most this many samples (quick runs)
     train_limit: int | None = None  # train on at most this many samples (quick runs)
     batch_size: int = 8  # samples per bucket at most
@@ -116,7 +186,8 @@ class DataConfig(Section):
 
     def problems(self) -> list[str]:
         return (_at_least(self, "data", 1, ("batch_size", "max_pixels", "max_image_pixels", "max_len"))
-                + _at_least(self, "data", 0, ("val_holdout", "num_workers"))
+                + _at_least(self, "data", 0, ("num_workers",))
+                + _at_least(self, "data", 0, ("val_holdout",), optional=True)
                 + _at_least(self, "data", 1, ("train_limit", "val_limit"), optional=True))
 
 

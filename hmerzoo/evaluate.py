@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
+from .config import resolve_data_root
 from .data.crohme import CrohmeDataset
 from .data.loaders import seeded_subset
 from .data.sampler import TAG_VAL_LIMIT
@@ -153,12 +154,19 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_eval(model_path: str, data_root: str, splits: Sequence[str], beam_size: int | None = None,
+DEFAULT_SPLITS = ("2014", "2016", "2019")  # the CROHME test years
+
+
+def run_eval(model_path: str, data_root: str | None = None, splits: Sequence[str] = DEFAULT_SPLITS,
+             beam_size: int | None = None,
              out_dir: str | os.PathLike | None = None, limit: int | None = None, batching: str | None = None,
              batch_size: int | None = None, mode: str | None = None, max_len: int | None = None,
              device: str = "auto",
              stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> dict[str, Any]:
-    """The ``hmerzoo eval`` command: evaluate, print a table per split, write the two files; returns the summary."""
+    """The ``hmerzoo eval`` command: evaluate, print a table per split, write the two files; returns the summary.
+
+    ``data_root`` None: the default data root (``$HMERZOO_DATA``, the checkout's ``data/crohme``, the user cache).
+    """
     from rich.console import Console
 
     from .builder import load_model
@@ -169,6 +177,7 @@ def run_eval(model_path: str, data_root: str, splits: Sequence[str], beam_size: 
         raise HmerzooError("--split: give at least one split (e.g. --split 2014 2016 2019)")
     console = Console(file=stdout or sys.stdout, highlight=False)
     progress_console = Console(file=stderr or sys.stderr, highlight=False)
+    data_root = resolve_data_root(data_root)  # before the model loads: a missing root fails fast
     torch_device = resolve_device(device, setting="--device")
     model = load_model(model_path, map_location=torch_device)
     decode = decode_settings(model, beam_size=beam_size, batching=batching, batch_size=batch_size, mode=mode,
@@ -211,4 +220,4 @@ def run_eval(model_path: str, data_root: str, splits: Sequence[str], beam_size: 
     return summary
 
 
-__all__ = ["METRIC", "default_out_dir", "evaluate_split", "run_eval", "split_table"]
+__all__ = ["DEFAULT_SPLITS", "METRIC", "default_out_dir", "evaluate_split", "run_eval", "split_table"]

@@ -29,8 +29,16 @@ def test_vocab_from_data_root(tmp_path):
     assert len(model.vocab) == 23
 
 
-def test_no_dictionary_and_no_root_is_a_clear_error():
-    with pytest.raises(RecipeError, match="vocab.dictionary: not set, and data.root is not set"):
+def test_no_dictionary_and_no_root_is_a_clear_error(monkeypatch, tmp_path):
+    # with no data.root the default root is used (tests/test_data_root.py); where none exists, the error says how
+    # to get one
+    import hmerzoo.config
+    from hmerzoo.errors import DataError
+
+    monkeypatch.delenv("HMERZOO_DATA", raising=False)
+    monkeypatch.setenv("HMERZOO_HOME", str(tmp_path))
+    monkeypatch.setattr(hmerzoo.config, "repo_data_root", lambda: tmp_path / "none")
+    with pytest.raises(DataError, match="hmerzoo data fetch crohme"):
         build_model("bttr")
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 import zipfile
@@ -24,14 +23,6 @@ from hmerzoo.registry import DATASETS, TRANSFORMS
 from hmerzoo.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HMERZOO_SHARED", REPO.parent / "shared"))
-CROHME = Path(os.environ.get("HMERZOO_DATA", SHARED / "data" / "crohme"))
-SAMPLE = CROHME / "sample"
-
-needs_sample = pytest.mark.skipif(not (SAMPLE / "train" / "caption.txt").is_file(),
-                                  reason=f"shared CROHME sample not found at {SAMPLE} (set HMERZOO_SHARED)")
-needs_zips = pytest.mark.skipif(not (CROHME / "train.zip").is_file(),
-                                reason=f"shared CROHME zips not found at {CROHME} (set HMERZOO_SHARED)")
 
 TOKENS = ["a", "b", "c", "+", "1", "2", "x"]
 
@@ -133,10 +124,8 @@ def test_load_image_tensor_accepts_pil_numpy_tensor_and_path(tmp_path: Path):
         assert torch.allclose(t, expected, atol=1e-6), type(img)  # no polarity change, gray kept
 
 
-def test_load_image_tensor_real_sample_is_white_on_black():
-    if not SAMPLE.is_dir():
-        pytest.skip(f"shared CROHME sample not found at {SAMPLE}")
-    path = next((SAMPLE / "train").glob("*.bmp"))
+def test_load_image_tensor_real_sample_is_white_on_black(sample_root: Path):
+    path = next((sample_root / "train").glob("*.bmp"))
     t = load_image_tensor(path)
     assert t.shape[0] == 1 and t.min() == 0.0 and t.max() == 1.0
     assert t.mean() < 0.5  # mostly black background
@@ -569,10 +558,9 @@ def test_eval_loader_keeps_everything_in_fixed_order(tiny_roots, vocab):
         assert b.images.shape[-2] >= 16 and b.images.shape[-1] >= 16  # ScaleToLimitRange applied
 
 
-@needs_sample
-def test_shared_sample_root():
-    full_vocab = Vocabulary.from_dictionary(str(SAMPLE / "dictionary.txt"))
-    cfg = DataConfig(root=str(SAMPLE), val_split="2014", num_workers=0, scale_to_limit=True, scale_aug=True)
+def test_sample_root(sample_root: Path):
+    full_vocab = Vocabulary.from_dictionary(str(sample_root / "dictionary.txt"))
+    cfg = DataConfig(root=str(sample_root), val_split="2014", num_workers=0, scale_to_limit=True, scale_aug=True)
     bundle = build_dataloaders(cfg, full_vocab, seed=7)
     assert bundle.num_train_samples + bundle.report.num_filtered == 64
     assert bundle.num_val_samples == 32
@@ -583,8 +571,8 @@ def test_shared_sample_root():
 
 
 @pytest.mark.slow
-@needs_zips
-def test_real_crohme_zips_header_only():
+def test_real_crohme_zips_header_only(crohme_root: Path):
+    CROHME = crohme_root  # noqa: N806
     full_vocab = Vocabulary.from_dictionary(str(CROHME / "dictionary.txt"))
     start = time.perf_counter()
     train = CrohmeDataset(CROHME, "train", full_vocab)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..batch import Batch, pad_images
-from ..config import DataConfig
+from ..config import DataConfig, holdout_size, resolve_data_root
 from ..errors import DataError, RecipeError
 from ..registry import DATASETS, TRANSFORMS
 from ..vocab import Vocabulary
@@ -145,7 +145,7 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     """Training and validation loaders from the recipe's ``data:`` section.
 
     Validation is ``cfg.val_split`` when set (the papers' protocol: a test year), otherwise a seeded hold-out of
-    ``cfg.val_holdout`` training samples, removed from training. Training buckets drop captions longer than
+    ``cfg.val_holdout`` training samples (default min(500, 10%)), removed from training. Training buckets drop captions longer than
     ``max_len`` and images larger than ``max_image_pixels`` (counted in the report); validation drops nothing.
     Training buckets are sharded whole across ``world_size`` ranks (every rank gets the same number: the epoch
     order wraps around); validation buckets too, without repeats (rank r takes buckets r, r+W, ...; the trainer sums
@@ -153,22 +153,24 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     """
     report = DataReport()  # cfg's values were range-checked when it was built (DataConfig.problems)
     dataset_cls = DATASETS.get(cfg.dataset, "data.dataset")
-    train_full = dataset_cls(cfg.root, cfg.train_split, vocab, skip_bad=cfg.skip_bad, report=report)
+    root = resolve_data_root(cfg.root)  # no data.root: $HMERZOO_DATA, the checkout's data/crohme, the user cache
+    train_full = dataset_cls(root, cfg.train_split, vocab, skip_bad=cfg.skip_bad, report=report)
 
     # validation samples
     val_set: CrohmeDataset | None = None
     train_indices = list(range(len(train_full)))
     if cfg.val_split is None:
-        if cfg.val_holdout > 0:
-            if cfg.val_holdout >= len(train_full):
-                raise DataError(f"data.val_holdout={cfg.val_holdout} leaves no training samples: split "
+        holdout = holdout_size(cfg.val_holdout, len(train_full))
+        if holdout > 0:
+            if holdout >= len(train_full):
+                raise DataError(f"data.val_holdout={holdout} leaves no training samples: split "
                                 f"'{cfg.train_split}' has {len(train_full)}; lower data.val_holdout or set "
                                 "data.val_split to a test split")
-            held = set(seeded_subset(len(train_full), cfg.val_holdout, seed, TAG_HOLDOUT))
+            held = set(seeded_subset(len(train_full), holdout, seed, TAG_HOLDOUT))
             val_set = train_full.select(sorted(held))
             train_indices = [i for i in train_indices if i not in held]
     else:
-        val_set = dataset_cls(cfg.root, cfg.val_split, vocab, skip_bad=cfg.skip_bad, report=report)
+        val_set = dataset_cls(root, cfg.val_split, vocab, skip_bad=cfg.skip_bad, report=report)
     if val_set is not None and cfg.val_limit is not None:
         val_set = val_set.select(seeded_subset(len(val_set), cfg.val_limit, seed, TAG_VAL_LIMIT))
 
