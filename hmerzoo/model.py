@@ -137,7 +137,7 @@ class HMERModel(nn.Module):
         ``images``: one or a list of PIL images, numpy arrays, paths or [1,h,w] tensors (white ink on black;
         user photos are normalised when the data package offers ``prepare_image``). Every other argument defaults
         to the recipe's ``decode:`` section, then to :class:`hmerzoo.config.DecodeConfig`: ``mode`` one of
-        ``hmerzoo.decoding.MODES`` (l2r, r2l, bttr, ...); ``batching`` per_image (each image's result independent
+        ``hmerzoo.registry.SEARCH_MODES`` (l2r, r2l, bttr, comer, abm); ``batching`` per_image (each image's result independent
         of the others) | padded (batches of ``batch_size`` padded together, as the official CoMER evaluation).
         See :mod:`hmerzoo.decoding`.
         """

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..decoders.base import length_chunks
 from ..sequence import direction_tokens
 from .beam import Hypothesis
 
@@ -39,8 +40,23 @@ def rate_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: 
                                tokens: list[list[int]], directions: list[str], *, sos_id: int, eos_id: int,
                                pad_id: int, alpha: float) -> torch.Tensor:
     """The official CoMER ``_rate``: sequence i (reading order) on memory row i, rated in ``directions[i]``:
-    ``-sum CE / (#non-pad decoder inputs)**alpha``, ``<pad>`` targets ignored. [N] float32; one pass, all rows
-    padded to the longest, as the official."""
+    ``-sum CE / (#non-pad decoder inputs)**alpha``, ``<pad>`` targets ignored. [N] float32.
+
+    The official pads all rows to the longest in one pass; ``<pad>`` inputs come after a row's real ones and are
+    masked, so rows of similar length are rated together instead (:func:`length_chunks`): one hypothesis cut off
+    at ``max_len`` would otherwise make every row of a batch of images cost ``max_len`` steps."""
+    scores = torch.empty(len(tokens), dtype=torch.float32, device=memory.device)
+    for chunk in length_chunks([len(t) for t in tokens]):
+        rows = torch.tensor(chunk, dtype=torch.long, device=memory.device)
+        scores[rows] = _rate(decoder, memory.index_select(0, rows), memory_mask.index_select(0, rows),
+                             [tokens[i] for i in chunk], [directions[i] for i in chunk], sos_id=sos_id,
+                             eos_id=eos_id, pad_id=pad_id, alpha=alpha).float()
+    return scores
+
+
+def _rate(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: list[list[int]],
+          directions: list[str], *, sos_id: int, eos_id: int, pad_id: int, alpha: float) -> torch.Tensor:
+    """One padded teacher-forced pass of :func:`rate_by_opposite_direction`."""
     device = memory.device
     length = max(len(t) for t in tokens) + 1
     inputs = torch.full((len(tokens), length), pad_id, dtype=torch.long, device=device)
