@@ -8,7 +8,6 @@ about 1 image/s on a 2-core CPU, far beyond the 2 minutes such a test may take.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
