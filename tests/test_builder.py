@@ -60,20 +60,28 @@ def test_forward_returns_loss_and_named_losses(tmp_path):
     assert out["output"].logits.shape == (4, 4, 13)
 
 
-def test_load_model_round_trip_and_wrong_vocabulary(tmp_path):
-    small = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2"]
-    model = build_model("bttr", [f"vocab.dictionary={dictionary(tmp_path, 10)}", *small])
+SMALL = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2"]
+
+
+def small_run_directory(tmp_path):
+    """A tiny BTTR and a directory holding its recipe and vocabulary, but no weights yet."""
+    model = build_model("bttr", [f"vocab.dictionary={dictionary(tmp_path, 10)}", *SMALL])
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(dump_recipe(model.recipe))
     model.vocab.save(str(run / "vocab.json"))
+    return model, run
+
+
+def test_load_model_round_trip_and_wrong_vocabulary(tmp_path):
+    model, run = small_run_directory(tmp_path)
     save_file(model.state_dict(), str(run / "model.safetensors"))
     loaded = load_model(run)
     assert not loaded.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     # weights of a model with another vocabulary
-    other = build_model("bttr", [f"vocab.dictionary={dictionary(tmp_path / '..', 12)}", *small])
+    other = build_model("bttr", [f"vocab.dictionary={dictionary(tmp_path / '..', 12)}", *SMALL])
     save_file(other.state_dict(), str(run / "model.safetensors"))
     with pytest.raises(CheckpointError, match="belong to another model or vocabulary.*other shapes"):
         load_model(run)
@@ -87,12 +95,7 @@ def test_load_model_without_recipe_is_clear(tmp_path):
 def test_load_model_reads_the_weights_of_a_run_directory(tmp_path):
     from hmerzoo.checkpoint import checkpoint_at, save_weights
 
-    small = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2"]
-    model = build_model("bttr", [f"vocab.dictionary={dictionary(tmp_path, 10)}", *small])
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(dump_recipe(model.recipe))
-    model.vocab.save(str(run / "vocab.json"))
+    model, run = small_run_directory(tmp_path)
     with pytest.raises(CheckpointError, match="no weights found"):
         load_model(run)
     save_weights(checkpoint_at(run, 3).weights, {k: torch.zeros_like(v) for k, v in model.state_dict().items()})
