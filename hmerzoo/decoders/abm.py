@@ -130,12 +130,16 @@ class ABMBranch(nn.Module):
         embedded = self.embedding(inputs)
         input_gates = self.gru1_input(embedded)  # all steps at once, as the official state_below_*
         coverage = memory.new_zeros(memory.shape[0], *memory.shape[2:])
+        # self(...): the step is this module's forward, so train.compile compiles it, one graph for every step and
+        # caption length (compiling the loop would specialise on the length). For that graph to be reused, every
+        # step's inputs look alike: the first coverage requires grad as the later ones do, and each step's slices
+        # are fresh tensors (views at step t would carry storage offset t, which the compiler guards on).
+        coverage.requires_grad_(torch.is_grad_enabled() and memory.requires_grad)
         states, contexts, attentions = [], [], []
         for t in range(inputs.shape[1]):
-            # self(...): the step is this module's forward, so train.compile compiles it (one graph for every
-            # step and caption length; compiling the loop would specialise on the length)
-            hidden, coverage, context, attention = self(hidden, input_gates[:, t], step_valid[:, t, None], memory,
-                                                        keys, memory_mask, coverage, kernel)
+            hidden, coverage, context, attention = self(hidden, input_gates[:, t].clone(),
+                                                        step_valid[:, t, None].clone(), memory, keys, memory_mask,
+                                                        coverage, kernel)
             states.append(hidden)
             contexts.append(context)
             attentions.append(attention)
