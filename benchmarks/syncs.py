@@ -97,16 +97,18 @@ class Counter(HostSyncCounter):
         return result
 
 
-def counting_steps(decoder: Any, never_end: list[int]) -> Callable[[], int]:
+def counting_steps(decoder: Any, never_end: list[int] = ()) -> Callable[[], int]:
     """Wrap ``decoder.step`` (an instance attribute shadows the method) to count the steps a search runs, and
     push the ``never_end`` tokens' logits down so an untrained model decodes every step up to max_len."""
     calls = [0]
     step = decoder.step
-    ends = torch.tensor(never_end)
+    ends = torch.tensor(list(never_end), dtype=torch.long)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
         logits, state = step(*args, **kwargs)
+        if not never_end:
+            return logits, state
         return logits.index_fill(-1, ends.to(logits.device, non_blocking=True), -1e4), state
 
     decoder.step = counted
