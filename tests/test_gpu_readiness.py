@@ -3,6 +3,7 @@ train.compile covering every shipped recipe's decoder."""
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,24 @@ def test_compile_covers_the_decoder(name, sample_root):
         assert graphs["decoder.l2r"] == 1 and graphs["decoder.r2l"] == 1, graphs
     if name in NO_BREAKS:
         assert breaks == 0, reasons
+
+
+# --- benchmarks/gpu_check.sh --cpu runs to completion ------------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke(sample_root, tmp_path):
+    """The smoke path of the GPU check on one recipe: the script finishes and writes its table."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "check.md"
+    run = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--cpu", "--data", str(sample_root),
+                          "--out", str(out), "bttr"], env={**os.environ, "PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| bttr ")]
+    assert len(rows) == 1, out.read_text()
+    cells = [c.strip() for c in rows[0]]
+    assert float(cells[2]) > 0 and float(cells[3]) > 0  # images/s eager, compiled
+    assert int(cells[5]) >= 1  # the logging read of train_step at least
+    assert "4 images, bttr" in cells[9]
