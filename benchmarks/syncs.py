@@ -14,8 +14,8 @@ the ``--batch`` smallest CROHME training images (train.zip or train/ under --dat
 
 The start and end tokens' logits are pushed down so every search runs all ``--max-len`` steps (an untrained model
 would stop at random); per-step figures include the one-off costs (encoder, start, rescoring) spread over those
-steps. ``clip_grad_norm_``'s same-device moves are not counted (no-ops on a GPU). The issue's targets: train step <= 1, decode step <= 1,
-no boolean-mask indexing.
+steps. ``clip_grad_norm_``'s same-device moves are not counted (no-ops on a GPU). The issue's targets: train step
+<= 1, decode step <= 1, no boolean-mask indexing.
 """
 from __future__ import annotations
 
