@@ -34,7 +34,7 @@ from .data.transforms import ScaleToLimitRange
 from .errors import HmerzooError
 from .metrics import ExpRateMeter
 from .predict import decode_settings
-from .runtime import resolve_device
+from .runtime import inference_settings, resolve_device
 
 METRIC = ("token edit distance: ExpRate, <=1, <=2, <=3 are the fractions of expressions whose predicted LaTeX token "
           "sequence is within 0, 1, 2, 3 token edits (Levenshtein distance over tokens) of the reference; not the "
@@ -206,11 +206,12 @@ def run_eval(model_path: str, data_root: str | None = None, splits: Sequence[str
             def write(record: dict) -> None:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-            for split in splits:
-                metrics = evaluate_split(model, data_root, str(split), decode, limit=limit, write=write,
-                                         console=progress_console)
-                summary["splits"][str(split)] = metrics
-                console.print(split_table(str(split), metrics))
+            with inference_settings():  # TF32 matmuls on GPUs that have them
+                for split in splits:
+                    metrics = evaluate_split(model, data_root, str(split), decode, limit=limit, write=write,
+                                             console=progress_console)
+                    summary["splits"][str(split)] = metrics
+                    console.print(split_table(str(split), metrics))
         os.replace(tmp, predictions_path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # no half-written predictions file beside a summary of another run

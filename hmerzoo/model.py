@@ -86,18 +86,23 @@ class HMERModel(nn.Module):
         state = self.decoder.init_state(memory, mask, direction)
         last = torch.full((n,), start, dtype=torch.long, device=images.device)
         done = torch.zeros(n, dtype=torch.bool, device=images.device)
-        seqs: list[list[int]] = [[] for _ in range(n)]
+        steps: list[torch.Tensor] = []
+        # tokens stay on the device: one host read per step (all rows done?), and one at the end for the tokens
         for _ in range(max_len):
             logits, state = self.decoder.step(state, last)
             last = logits.argmax(-1)
-            for i in torch.nonzero(~done).flatten().tolist():
-                tok = int(last[i])
-                if tok == stop:
-                    done[i] = True
-                else:
-                    seqs[i].append(tok)
+            steps.append(last)
+            done = done | (last == stop)
             if bool(done.all()):
                 break
+        if not steps:
+            return [[] for _ in range(n)]
+        tokens = torch.stack(steps, dim=1)  # [n, steps]
+        is_stop = tokens == stop
+        # a row ends before its first stop token (argmax: the first maximum); rows that never stop keep every step
+        length = torch.where(is_stop.any(1), is_stop.int().argmax(1), tokens.shape[1])
+        rows = torch.cat([tokens, length[:, None]], dim=1).tolist()
+        seqs = [row[:row[-1]] for row in rows]
         return seqs if direction == "l2r" else [s[::-1] for s in seqs]
 
     @torch.no_grad()

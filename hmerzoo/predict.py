@@ -139,14 +139,15 @@ def run_predict(model_path: str, images: Sequence[str], directory: str | None = 
     model = load_model(model_path, map_location=resolve_device(device))
     decode = decode_settings(model, beam_size=beam_size, mode=mode, max_len=max_len)
     failed = 0
-    for prediction in predict_files(model, paths, decode):
-        if prediction.error is not None:
-            failed += 1
-            print(f"error: {prediction.error}", file=err, flush=True)
-        if as_json:
-            print(json.dumps(prediction.to_json(), ensure_ascii=False), file=out, flush=True)
-        elif prediction.error is None:
-            print(f"{prediction.image}\t{prediction.latex}", file=out, flush=True)
+    with runtime.inference_settings():  # TF32 matmuls on GPUs that have them
+        for prediction in predict_files(model, paths, decode):
+            if prediction.error is not None:
+                failed += 1
+                print(f"error: {prediction.error}", file=err, flush=True)
+            if as_json:
+                print(json.dumps(prediction.to_json(), ensure_ascii=False), file=out, flush=True)
+            elif prediction.error is None:
+                print(f"{prediction.image}\t{prediction.latex}", file=out, flush=True)
     if failed:
         print(f"{failed} of {len(paths)} images could not be read", file=err, flush=True)
         return EXIT_SOME_FAILED

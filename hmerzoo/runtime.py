@@ -1,5 +1,6 @@
 """Where and how tensors run, for training and inference alike: device and precision resolution, the autocast
-context, seeding, and the process-wide torch settings of a run (threads, deterministic mode)."""
+context, seeding, and the process-wide torch settings of a run (threads, deterministic mode, float32 matmul
+precision)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,8 @@ import torch
 from .config import PRECISIONS
 from .errors import HmerzooError
 
-__all__ = ["PRECISIONS", "autocast", "resolve_device", "resolve_precision", "runtime_settings", "seed_everything"]
+__all__ = ["PRECISIONS", "autocast", "inference_settings", "matmul_precision", "resolve_device", "resolve_precision",
+           "runtime_settings", "seed_everything"]
 
 
 def resolve_device(name: str, setting: str = "train.device") -> torch.device:
@@ -63,9 +65,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def matmul_precision(deterministic: bool) -> str:
+    """``torch.set_float32_matmul_precision`` of a run: ``high`` (TF32 matmuls and convolutions on Ampere and
+    later GPUs, ~10 bits of mantissa, the usual choice for training and inference) unless a deterministic run
+    asks for full-FP32 ``highest``."""
+    return "highest" if deterministic else "high"
+
+
+@contextlib.contextmanager
+def _float32_matmul_precision(precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def inference_settings(deterministic: bool = False) -> contextlib.AbstractContextManager:
+    """The process-wide settings of eval/predict (the float32 matmul precision); restored afterwards."""
+    return _float32_matmul_precision(matmul_precision(deterministic))
+
+
 @contextlib.contextmanager
 def runtime_settings(num_threads: int | None = None, deterministic: bool = False) -> Iterator[None]:
-    """Thread count and deterministic mode for a run; the previous process settings come back afterwards."""
+    """Thread count, deterministic mode and float32 matmul precision (:func:`matmul_precision`) for a run; the
+    previous process settings come back afterwards."""
     threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -80,7 +105,8 @@ def runtime_settings(num_threads: int | None = None, deterministic: bool = False
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     try:
-        yield
+        with _float32_matmul_precision(matmul_precision(deterministic)):
+            yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(was_deterministic, warn_only=warn_only)

@@ -109,6 +109,16 @@ class ABMBranch(nn.Module):
         candidate = torch.tanh(h_in + h_rec * reset)
         return update * h1 + (1.0 - update) * candidate
 
+    def forward(self, hidden: torch.Tensor, input_gates: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor,
+                keys: torch.Tensor, memory_mask: torch.Tensor, coverage: torch.Tensor,
+                kernel: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One teacher-forced step: state [N,n], the embedding's gate projections [N,3n], valid [N,1] (False: a
+        padded step, whose GRU state update is discarded) -> (h2, coverage, context, attention)."""
+        h1 = torch.where(valid, self.gru1(hidden, input_gates), hidden)
+        context, attention = self.attention(h1, memory, keys, memory_mask, coverage, kernel)
+        coverage = coverage + attention  # also on padded steps, as the official alpha_past
+        return torch.where(valid, self.gru2(h1, context), h1), coverage, context, attention
+
     def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor,
                step_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced pass. inputs [B,T] (start token first), step_valid [B,T] bool (False: padded step, whose
@@ -120,13 +130,16 @@ class ABMBranch(nn.Module):
         embedded = self.embedding(inputs)
         input_gates = self.gru1_input(embedded)  # all steps at once, as the official state_below_*
         coverage = memory.new_zeros(memory.shape[0], *memory.shape[2:])
+        # self(...): the step is this module's forward, so train.compile compiles it, one graph for every step and
+        # caption length (compiling the loop would specialise on the length). For that graph to be reused, every
+        # step's inputs look alike: the first coverage requires grad as the later ones do, and each step's slices
+        # are fresh tensors (views at step t would carry storage offset t, which the compiler guards on).
+        coverage.requires_grad_(torch.is_grad_enabled() and memory.requires_grad)
         states, contexts, attentions = [], [], []
         for t in range(inputs.shape[1]):
-            valid = step_valid[:, t, None]
-            h1 = torch.where(valid, self.gru1(hidden, input_gates[:, t]), hidden)
-            context, attention = self.attention(h1, memory, keys, memory_mask, coverage, kernel)
-            coverage = coverage + attention  # also on padded steps, as the official alpha_past
-            hidden = torch.where(valid, self.gru2(h1, context), h1)
+            hidden, coverage, context, attention = self(hidden, input_gates[:, t].clone(),
+                                                        step_valid[:, t, None].clone(), memory, keys, memory_mask,
+                                                        coverage, kernel)
             states.append(hidden)
             contexts.append(context)
             attentions.append(attention)

@@ -22,7 +22,8 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
 
 def compile_targets(model: nn.Module) -> list[nn.Module]:
     """What train.compile compiles: the encoder, the neck, and the decoder's submodules that hold modules of their
-    own (e.g. the transformer layers; ModuleLists/Dicts are looked into, plain Linear/Embedding/Dropout are left).
+    own (e.g. the transformer layers, CoMER's ARM, ABM's branches, whose ``forward`` is one decoding step;
+    ModuleLists/Dicts are looked into, plain Linear/Embedding/Dropout are left).
 
     Not the decoder itself: its teacher-forced ``forward`` takes the captions as Python lists, which the compiler
     would guard on (a recompilation for nearly every batch), and its incremental decoding runs step by step.

@@ -1,0 +1,194 @@
+"""Host syncs and blocking copies per training step, per validation greedy step and per beam-search step.
+
+    python benchmarks/syncs.py [RECIPE ...] [--sites] [--data ROOT] [--batch 4] [--max-len 12]
+
+Default: every shipped recipe in recipes/. Each model is built from its recipe with tiny sizes (CPU is enough: a
+host sync is a Python-visible call, counted by :class:`hmerzoo.host_syncs.HostSyncCounter` on any device) and run on
+the ``--batch`` smallest CROHME training images (train.zip or train/ under --data):
+
+- **train step**: one ``train_step`` (forward, backward, clip, optimizer step), after one warm-up step;
+- **greedy step**: ``model.greedy`` (validation's decoding) with ``--max-len`` steps, encoder included, divided by
+  the decoder steps it ran;
+- **beam step**: the recipe's search (``decode.mode``, beam ``--beam``) on the encoded batch (encoder not counted),
+  rescoring included, divided by the decoder steps it ran (a bidirectional mode steps both directions).
+
+The start and end tokens' logits are pushed down so every search runs all ``--max-len`` steps (an untrained model
+would stop at random); per-step figures include the one-off costs (encoder, start, rescoring) spread over those
+steps. ``clip_grad_norm_``'s same-device moves are not counted (no-ops on a GPU). The issue's targets: train step
+<= 1, decode step <= 1, no boolean-mask indexing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from hmerzoo.batch import Batch, pad_images  # noqa: E402
+from hmerzoo.builder import build_component, build_model, vocab_from_recipe  # noqa: E402
+from hmerzoo.host_syncs import HostSyncCounter  # noqa: E402
+from hmerzoo.recipe import load_recipe  # noqa: E402
+from hmerzoo.registry import OPTIMIZERS  # noqa: E402
+from hmerzoo.runtime import seed_everything  # noqa: E402
+
+# CPU-sized models: the sync pattern depends on the code paths, not the widths
+TINY = {
+    "densenet": ["model.encoder.growth_rate=8", "model.encoder.num_layers=2"],
+    "transformer": ["model.neck.d_model=32", "model.decoder.d_model=32", "model.decoder.nhead=2",
+                    "model.decoder.num_layers=2", "model.decoder.dim_feedforward=64"],
+    "comer": ["model.decoder.dc=8"],
+    "abm": ["model.decoder.hidden_size=16", "model.decoder.embed_dim=16", "model.decoder.attention_dim=16",
+            "model.decoder.coverage_channels=8"],
+}
+COLUMNS = ("train step", "greedy step", "beam step", "bool-mask index")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("HMERZOO_DATA") or REPO / "data" / "crohme")
+
+
+def tiny_overrides(recipe: dict) -> list[str]:
+    model = recipe.get("model") or {}
+    decoder = (model.get("decoder") or {}).get("type")
+    out = list(TINY["densenet"]) if (model.get("encoder") or {}).get("type") == "densenet" else []
+    out += TINY["abm"] if decoder == "abm" else TINY["transformer"]
+    out += TINY["comer"] if decoder == "comer" else []
+    return out
+
+
+def tiny_model(name: str, root: Path, extra: list[str] = ()) -> tuple[Any, dict]:
+    """The recipe's model with tiny widths (dropout kept: its code path is part of the count)."""
+    recipe = load_recipe(name, [f"data.root={root}"])
+    recipe = load_recipe(name, [f"data.root={root}", *tiny_overrides(recipe), *extra])
+    return build_model(recipe, validate=False), recipe
+
+
+def small_batch(root: Path, recipe: dict, size: int) -> Batch:
+    """The ``size`` smallest training images (by area), padded into one batch: the same pixels on every run."""
+    from hmerzoo.data import CrohmeDataset
+
+    dataset = CrohmeDataset(root, "train", vocab_from_recipe(recipe))
+    order = sorted(range(len(dataset)), key=lambda i: (dataset.sizes[i][0] * dataset.sizes[i][1], i))[:size]
+    images, mask = pad_images([dataset.load_image(i) for i in order])
+    return Batch(images, mask, [list(dataset.samples[i].ids) for i in order], [dataset.names[i] for i in order])
+
+
+class Counter(HostSyncCounter):
+    """HostSyncCounter without ``clip_grad_norm_``'s per-parameter ``norm.to(device)``: a move to the device the
+    norm is already on, a no-op on a GPU (counted on the CPU because the device cannot be told apart there)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        before = len(self.events)
+        result = super().__torch_function__(func, types, args, kwargs)
+        if len(self.events) > before and self.events[-1].kind == "blocking copy" and any(
+                f.filename.endswith(os.path.join("nn", "utils", "clip_grad.py")) for f in traceback.extract_stack()):
+            self.events.pop()
+        return result
+
+
+def counting_steps(decoder: Any, never_end: list[int] = ()) -> Callable[[], int]:
+    """Wrap ``decoder.step`` (an instance attribute shadows the method) to count the steps a search runs, and
+    push the ``never_end`` tokens' logits down so an untrained model decodes every step up to max_len."""
+    calls = [0]
+    step = decoder.step
+    ends = torch.tensor(list(never_end), dtype=torch.long)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        logits, state = step(*args, **kwargs)
+        if not never_end:
+            return logits, state
+        return logits.index_fill(-1, ends.to(logits.device, non_blocking=True), -1e4), state
+
+    decoder.step = counted
+    return lambda: calls[0]
+
+
+def measure(name: str, root: Path, batch_size: int = 4, max_len: int = 12, beam: int = 3,
+            extra: list[str] = ()) -> dict[str, Any]:
+    """Counters (HostSyncCounter) for one train step, one greedy decode and one beam search of a recipe."""
+    from hmerzoo.decoding.modes import search
+    from hmerzoo.decoding.recognize import decode_config
+    from hmerzoo.training import train_step
+
+    seed_everything(0)
+    model, recipe = tiny_model(name, root, extra)
+    batch = small_batch(root, recipe, batch_size)
+    device = torch.device("cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_component(OPTIMIZERS, recipe["optim"], "optim", {"params": params})
+    grad_clip = (recipe.get("train") or {}).get("grad_clip")
+    model.train()
+    train_step(model, batch, optimizer, params, device, "fp32", grad_clip=grad_clip, step=1)  # warm-up
+    with Counter() as train:
+        train_step(model, batch, optimizer, params, device, "fp32", grad_clip=grad_clip, step=2)
+
+    model.eval()
+    steps = counting_steps(model.decoder, [model.vocab.sos_id, model.vocab.eos_id])
+    with torch.no_grad(), Counter() as greedy:
+        model.greedy(batch.images, batch.image_mask, max_len=max_len)
+    greedy_steps = steps()
+
+    config = decode_config(recipe, beam_size=beam, max_len=max_len)
+    vocab = model.vocab
+    with torch.no_grad():
+        memory, mask = model.encode(batch.images, batch.image_mask)
+        with Counter() as beam_syncs:
+            search(model.decoder, memory, mask, config, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
+                   pad_id=vocab.pad_id)
+    beam_steps = steps() - greedy_steps
+    return {"recipe": name, "mode": config.mode, "train": train, "greedy": greedy, "greedy_steps": greedy_steps,
+            "beam": beam_syncs, "beam_steps": beam_steps}
+
+
+def row(m: dict[str, Any]) -> list[str]:
+    mask_index = sum(c.count("bool-mask index") for c in (m["train"], m["greedy"], m["beam"]))
+    return [m["recipe"], m["mode"], str(m["train"].total),
+            f"{m['greedy'].total / max(m['greedy_steps'], 1):.1f} ({m['greedy'].total}/{m['greedy_steps']})",
+            f"{m['beam'].total / max(m['beam_steps'], 1):.1f} ({m['beam'].total}/{m['beam_steps']})",
+            str(mask_index)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="*", help="recipe names or paths (default: every shipped recipe)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="CROHME root with train.zip (default: $HMERZOO_DATA or the checkout's data/crohme)")
+    parser.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    parser.add_argument("--max-len", type=int, default=12, help="decoding steps (default 12)")
+    parser.add_argument("--beam", type=int, default=3, help="beam size (default 3)")
+    parser.add_argument("--sites", type=int, nargs="?", const=8, default=0,
+                        help="also print the top call sites of each count (default 8 when given)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = args.data or default_data_root()
+    results = [measure(name, root, args.batch, args.max_len, args.beam) for name in args.recipes or shipped_recipes()]
+
+    print(f"host syncs + blocking copies (batch {args.batch}, max_len {args.max_len}, beam {args.beam}; "
+          f"per step: total/decoder steps)\n")
+    print("| recipe | search mode | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|" + "---:|" * len(COLUMNS))
+    for m in results:
+        print("| " + " | ".join(row(m)) + " |")
+    if args.sites:
+        for m in results:
+            for part in ("train", "greedy", "beam"):
+                print(f"\n{m['recipe']} {part}: {m[part].summary(top=args.sites)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
