@@ -143,3 +143,27 @@ def test_training_and_eval_loaders_pick_the_format(tmp_path):
     assert batch.names == ["d.jpg"] and float(batch.images[0, 0, 15:25, 10:50].mean()) > 0.9
     loader = build_eval_loader(_folder(tmp_path / "f"), "train", _vocab())
     assert isinstance(loader.dataset.dataset, FolderDataset) and loader.dataset.num_samples == 2
+
+
+def test_data_vocab_and_check_read_the_format(tmp_path):
+    from hmerzoo.data.check import check_root, token_counts, write_dictionary
+
+    root = _hme100k(tmp_path / "hme")
+    counts = token_counts(root)
+    assert counts == {"x": 4, "+": 4, "1": 2, "2": 1, "3": 1}  # train a, b, c and test d
+    write_dictionary(counts, root / "dictionary.txt")
+    result = check_root(root)
+    assert result.ok, result.problems
+    assert {split: st.samples for split, st in result.stats.items()} == {"test": 1, "train": 3}
+    folder = _folder(tmp_path / "f")
+    assert token_counts(folder)["}"] == 2
+
+
+def test_missing_dictionary_is_a_clear_error(tmp_path):
+    from hmerzoo.builder import vocab_from_recipe
+
+    root = _hme100k(tmp_path / "hme")
+    with pytest.raises(DataError, match=r"vocab.dictionary: not set.*hmerzoo data vocab .*--out .*dictionary.txt"):
+        vocab_from_recipe({"data": {"root": str(root)}})
+    (root / "dictionary.txt").write_text("x\n+\n1\n")
+    assert vocab_from_recipe({"data": {"root": str(root)}}).tokens[3:] == ["x", "+", "1"]

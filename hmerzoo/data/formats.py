@@ -120,18 +120,18 @@ def _existing_root(root: str | os.PathLike | None, help_text: str) -> Path:
     return path
 
 
+def _splits_by_format(path: Path) -> dict[str, list[str]]:
+    """The formats whose layout ``path`` has, with the splits found for each (formats with none left out)."""
+    found = {"crohme": available_splits(path), "hme100k": hme100k_splits(path), "folder": folder_splits(path)}
+    return {fmt: splits for fmt, splits in found.items() if splits}
+
+
 def detect_format(root: str | os.PathLike) -> str:
     """The format of a data root, from its files. Raises DataError when none or several formats match."""
     path = Path(root).expanduser()
     if not path.exists():
         raise DataError(f"data root '{root}' does not exist (data.format=auto detects the format from its files)")
-    found = []
-    if available_splits(path):
-        found.append("crohme")
-    if hme100k_splits(path):
-        found.append("hme100k")
-    if folder_splits(path):
-        found.append("folder")
+    found = list(_splits_by_format(path))
     if len(found) == 1:
         return found[0]
     expected = (f"crohme: <split>/{CAPTION_FILE} folders or <split>.zip files; hme100k: <split>_images/ + "
@@ -150,3 +150,19 @@ def dataset_class(root: str | os.PathLike, format: str = "auto", dataset: str | 
     if format == "auto":
         format = detect_format(root)
     return DATASETS.get(format, "data.format")
+
+
+def splits_of(root: str | os.PathLike, format: str = "auto") -> list[str]:
+    """The split names of a root in its format (``auto``: detected; an ambiguous root raises); [] when none."""
+    path = Path(root).expanduser()
+    if format == "auto":
+        by_format = _splits_by_format(path) if path.exists() else {}
+        if len(by_format) > 1:
+            detect_format(root)  # raises, naming the candidates
+        return next(iter(by_format.values()), [])
+    return {"crohme": available_splits, "hme100k": hme100k_splits, "folder": folder_splits}[format](path)
+
+
+def open_format_split(root: str | os.PathLike, split: str, format: str = "auto") -> tuple[SplitSource, str]:
+    """A split's files (and its label file's description) in the root's format: what `hmerzoo data` reads."""
+    return dataset_class(root, format).open_source(root, str(split))
