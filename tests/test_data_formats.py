@@ -167,3 +167,12 @@ def test_missing_dictionary_is_a_clear_error(tmp_path):
         vocab_from_recipe({"data": {"root": str(root)}})
     (root / "dictionary.txt").write_text("x\n+\n1\n")
     assert vocab_from_recipe({"data": {"root": str(root)}}).tokens[3:] == ["x", "+", "1"]
+
+
+def test_recipe_check_names_an_unknown_format():
+    from hmerzoo.recipe import load_recipe, validate_recipe
+
+    validate_recipe(load_recipe("bttr", ["data.format=hme100k"]))
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(load_recipe("bttr", ["data.format=hme100"]))
+    assert any(p.startswith("data.format: unknown dataset 'hme100' (did you mean 'hme100k'?)") for p in e.value.problems)
