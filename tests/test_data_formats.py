@@ -175,4 +175,5 @@ def test_recipe_check_names_an_unknown_format():
     validate_recipe(load_recipe("bttr", ["data.format=hme100k"]))
     with pytest.raises(RecipeError) as e:
         validate_recipe(load_recipe("bttr", ["data.format=hme100"]))
-    assert any(p.startswith("data.format: unknown dataset 'hme100' (did you mean 'hme100k'?)") for p in e.value.problems)
+    expected = "data.format: unknown dataset 'hme100' (did you mean 'hme100k'?)"
+    assert any(p.startswith(expected) for p in e.value.problems)

@@ -2,7 +2,8 @@
 
 Main entry points: :func:`build_dataloaders` (training + validation from a recipe's ``data:`` section),
 :func:`build_eval_loader` (one whole split, for evaluation) and :func:`load_image_tensor` (one image for a model).
-Importing this package registers the ``crohme``, ``hme100k`` and ``folder`` datasets and the ``scale_to_limit`` / ``scale_aug`` transforms.
+Importing this package registers the ``crohme``, ``hme100k`` and ``folder`` datasets (``data.format``) and the
+``scale_to_limit`` / ``scale_aug`` transforms.
 """
 from .bucketing import REASON_TOO_BIG, REASON_TOO_LONG, make_buckets
 from .crohme import CrohmeDataset, Sample, SampleRecord, available_splits, open_split
