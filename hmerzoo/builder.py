@@ -17,7 +17,7 @@ import torch
 from .checkpoint import (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE, WEIGHTS_SUFFIX, find_model_dir, find_weights,
                          load_weights)
 from .config import resolve_dictionary
-from .errors import CheckpointError, RecipeError
+from .errors import CheckpointError, DataError, RecipeError
 from .model import HMERModel
 from .recipe import load_recipe, validate_recipe
 from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, Registry
@@ -55,6 +55,13 @@ def vocab_from_recipe(recipe: dict) -> Vocabulary:
     # no vocab.dictionary: the data root's dictionary.txt, the root resolved as for training (data.root,
     # $HMERZOO_DATA, the checkout's data/crohme, the user cache)
     dictionary = resolve_dictionary(vcfg.get("dictionary"), (recipe.get("data") or {}).get("root"))
+    if vcfg.get("dictionary") is None and not os.path.isfile(dictionary):
+        # HME100K and folder roots ship no dictionary.txt; the vocabulary is not guessed from the labels here
+        # (a model's token ids must not depend on which splits happened to be read), it is written once
+        root = os.path.dirname(dictionary)
+        raise DataError(f"vocab.dictionary: not set, and the data root has no {os.path.basename(dictionary)} "
+                        f"({dictionary}); write one from the captions with `hmerzoo data vocab {root} --out "
+                        f"{dictionary}`, or set vocab.dictionary=FILE")
     specials = vcfg.get("specials")
     if specials is None:  # an empty list is meaningful: the dictionary lists its special tokens itself (ABM)
         specials = ["<pad>", "<sos>", "<eos>"]

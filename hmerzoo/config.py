@@ -175,9 +175,11 @@ class DataConfig(Section):
     scale_aug: bool = False  # CoMER's ScaleAugmentation, k ~ U(0.7, 1.4), training only
     num_workers: int = 2
     skip_bad: bool = False  # skip (and count) bad samples instead of stopping with an error
-    # the dataset class of every split, by registered name (``hmerzoo list datasets``) or module:Attr; it takes
+    # layout of data.root: crohme | hme100k | folder | auto (detected from the files; hmerzoo/data/formats.py)
+    format: str = "auto"
+    # a dataset class by registered name (``hmerzoo list datasets``) or module:Attr, instead of data.format; it takes
     # (root, split, vocab, skip_bad=, report=) and offers CrohmeDataset's interface (samples, sizes, select, ...)
-    dataset: str = "crohme"
+    dataset: str | None = None
     # extra transforms by registered name (``hmerzoo list transforms``), each a name or {type: name, arg: value}:
     # ``augment`` on training images only (called with the bucket's seeded generator), ``transforms`` on training
     # and validation images; both run after the built-in ones above, in the order listed

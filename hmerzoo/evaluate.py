@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
 from .config import resolve_data_root
-from .data.crohme import CrohmeDataset
+from .data.formats import dataset_class
 from .data.loaders import seeded_subset
 from .data.sampler import TAG_VAL_LIMIT
 from .data.transforms import ScaleToLimitRange
@@ -98,7 +98,8 @@ def evaluate_split(model: Any, data_root: str | os.PathLike, split: str, decode:
 
     ``write`` receives each sample's prediction record (what goes into predictions.jsonl).
     """
-    dataset = CrohmeDataset(data_root, split, model.vocab)  # skip_bad=False: a bad sample stops the run
+    # the format detected from the files (data.format=auto); skip_bad=False: a bad sample stops the run
+    dataset = dataset_class(data_root)(data_root, split, model.vocab)
     indices = list(range(len(dataset)))
     if limit is not None:
         indices = seeded_subset(len(dataset), limit, LIMIT_SEED, TAG_VAL_LIMIT)

@@ -275,6 +275,12 @@ def validate_recipe(recipe: dict, source: str | None = None) -> None:
             DATASETS.get(dataset, "data.dataset")
         except RecipeError as e:
             problems.extend(e.problems)
+    fmt = recipe["data"].get("format") if isinstance(recipe.get("data"), dict) else None
+    if isinstance(fmt, str) and fmt != "auto":
+        try:
+            DATASETS.get(fmt, "data.format")
+        except RecipeError as e:
+            problems.extend(e.problems)
     if problems:
         raise RecipeError(problems, source)
 

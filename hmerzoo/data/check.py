@@ -16,7 +16,8 @@ from typing import Iterator
 from ..config import DICTIONARY_FILE, DataConfig
 from ..errors import DataError
 from ..vocab import DEFAULT_SPECIALS, Vocabulary
-from .crohme import CAPTION_FILE, IMAGE_EXTENSIONS, SplitSource, available_splits, open_split
+from .crohme import CAPTION_FILE, IMAGE_EXTENSIONS, SplitSource
+from .formats import open_format_split, splits_of
 from .images import read_image_bytes
 
 
@@ -30,11 +31,12 @@ class CaptionLine:
 
 
 def _splits(root: str | os.PathLike, splits: list[str] | None) -> list[str]:
-    found = available_splits(root)
+    found = splits_of(root)
     if not Path(root).exists():
         raise DataError(f"data root '{root}' does not exist")
     if not found:
-        raise DataError(f"data root '{root}': no splits found (<split>/{CAPTION_FILE} folders or <split>.zip files)")
+        raise DataError(f"data root '{root}': no splits found (<split>/{CAPTION_FILE} folders or <split>.zip files, "
+                        "<split>_images/ + <split>_labels.txt, or <split>/labels.tsv)")
     if splits:
         missing = [s for s in splits if s not in found]
         if missing:
@@ -59,7 +61,7 @@ def token_counts(root: str | os.PathLike, splits: list[str] | None = None) -> co
     """How often each caption token occurs over the given splits (default: all of them)."""
     counts: collections.Counter = collections.Counter()
     for split in _splits(root, splits):
-        source, where = open_split(root, split)
+        source, where = open_format_split(root, split)
         for line in caption_lines(source, where, split):
             counts.update(line.tokens)
     return counts
@@ -107,6 +109,8 @@ class CheckResult:
 
 
 def _find_image(source: SplitSource, name: str) -> str | None:
+    if name.lower().endswith(IMAGE_EXTENSIONS) and source.has(name):  # HME100K / labels.tsv names carry it
+        return name
     for ext in IMAGE_EXTENSIONS:
         if source.has(name + ext):
             return name + ext
@@ -128,7 +132,7 @@ def check_root(root: str | os.PathLike, data: DataConfig | None = None, dictiona
         problems.append(f"{dictionary}: no dictionary (write one with `hmerzoo data vocab {root} --out {dictionary}`)")
     stats: dict[str, SplitStats] = {}
     for split in _splits(root, splits):
-        source, where = open_split(root, split)
+        source, where = open_format_split(root, split)
         st = stats[split] = SplitStats()
         seen: dict[str, str] = {}
         for line in caption_lines(source, where, split):

@@ -238,13 +238,19 @@ class CrohmeDataset(Dataset):
         self.vocab = vocab
         self.skip_bad = skip_bad
         self.report = report if report is not None else DataReport()
-        self.source, self.caption_where = open_split(root, split)
+        self.source, self.caption_where = self.open_source(root, self.split)
         self.samples: list[SampleRecord] = self._read_samples()
         if not self.samples:
             detail = f" ({self.report.count(split=split)} bad samples skipped)" if self.report.count(split=split) else ""
             raise DataError(f"{self.caption_where}: no usable samples in split '{split}'{detail}")
 
     # --- reading --------------------------------------------------------------------------------------------
+    @classmethod
+    def open_source(cls, root: str | os.PathLike | None, split: str) -> tuple[SplitSource, str]:
+        """The split's files and a description of its caption file; other formats override only this (and
+        ``load_image`` for their pixels)."""
+        return open_split(root, split)
+
     def _read_samples(self) -> list[SampleRecord]:
         try:
             raw = self.source.caption()
@@ -288,7 +294,9 @@ class CrohmeDataset(Dataset):
         except DataError as e:
             self._bad(REASON_UNKNOWN_TOKEN, f"{e} (add it to the dictionary or fix the caption)")
             return None
-        image_file = next((name + ext for ext in IMAGE_EXTENSIONS if self.source.has(name + ext)), None)
+        # a name may carry its extension (HME100K's 'x.jpg', a labels.tsv's 'a.png') or not (CROHME's captions)
+        candidates = ([name] if name.lower().endswith(IMAGE_EXTENSIONS) else []) + [name + e for e in IMAGE_EXTENSIONS]
+        image_file = next((f for f in candidates if self.source.has(f)), None)
         if image_file is None:
             self._bad(REASON_MISSING_IMAGE, f"{where}: image for '{name}' not found: no "
                       f"{self.source.describe(name + IMAGE_EXTENSIONS[0])}")

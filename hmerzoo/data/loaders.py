@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..batch import Batch, pad_images
 from ..config import DataConfig, holdout_size, resolve_data_root
 from ..errors import DataError, RecipeError
-from ..registry import DATASETS, TRANSFORMS
+from ..registry import TRANSFORMS
 from ..vocab import Vocabulary
 from .bucketing import make_buckets
 from .crohme import SKIP_HINT, CrohmeDataset, Sample
+from .formats import dataset_class
 from .report import DataReport
 from .sampler import (TAG_AUGMENT, TAG_HOLDOUT, TAG_TRAIN_LIMIT, TAG_VAL_LIMIT, BucketSampler, EpochTaggedSampler,
                       seeded_generator)
@@ -152,8 +153,8 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
     the ranks' counts).
     """
     report = DataReport()  # cfg's values were range-checked when it was built (DataConfig.problems)
-    dataset_cls = DATASETS.get(cfg.dataset, "data.dataset")
     root = resolve_data_root(cfg.root)  # no data.root: $HMERZOO_DATA, the checkout's data/crohme, the user cache
+    dataset_cls = dataset_class(root, cfg.format, cfg.dataset)
     train_full = dataset_cls(root, cfg.train_split, vocab, skip_bad=cfg.skip_bad, report=report)
 
     # validation samples
@@ -212,13 +213,14 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
 def build_eval_loader(root: str | os.PathLike, split: str, vocab: Vocabulary, batch_size: int = 8,
                       max_pixels: int = 320_000, scale_to_limit: bool = False, num_workers: int = 0,
                       skip_bad: bool = False, limit: int | None = None, seed: int = 0,
-                      report: DataReport | None = None) -> DataLoader:
+                      report: DataReport | None = None, format: str = "auto",
+                      dataset: str | None = None) -> DataLoader:
     """A DataLoader of Batch over a whole split, in a fixed order (sorted by image area), nothing dropped.
 
     ``loader.dataset.num_samples`` is the number of samples, ``loader.dataset.report`` the skipped ones (with
     ``skip_bad``); ``limit`` takes a seeded subset of that many samples (quick checks).
     """
-    dataset = CrohmeDataset(root, split, vocab, skip_bad=skip_bad, report=report)
+    dataset = dataset_class(root, format, dataset)(root, split, vocab, skip_bad=skip_bad, report=report)
     if limit is not None:
         dataset = dataset.select(seeded_subset(len(dataset), limit, seed, TAG_VAL_LIMIT))
     buckets = make_buckets(dataset.sizes, dataset.names, batch_size=batch_size, max_pixels=max_pixels)
