@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batch import Batch
-from .sequence import IGNORE_INDEX, DecoderOutput
+from .sequence import IGNORE_INDEX, DecoderOutput, to_device
 from .registry import LOSSES
 
 
@@ -50,6 +50,9 @@ class SequenceCrossEntropy(nn.Module):
         directions = output.directions or ["all"] * targets.shape[0]
         total = per_sequence.new_zeros(())
         for direction in dict.fromkeys(directions):
-            rows = torch.tensor([d == direction for d in directions], device=per_sequence.device)
-            total = total + per_sequence[rows].mean()
+            # row numbers known on the host: index_select picks the same values as a boolean mask would, without
+            # the host waiting to learn how many rows the mask selects
+            rows = to_device(torch.tensor([i for i, d in enumerate(directions) if d == direction]),
+                             per_sequence.device)
+            total = total + per_sequence.index_select(0, rows).mean()
         return self.weight * total

@@ -39,27 +39,38 @@ def direction_tokens(vocab_sos: int, vocab_eos: int, direction: str) -> tuple[in
     raise ValueError(f"direction must be 'l2r' or 'r2l', got {direction!r}")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Move a tensor just built on the host to ``device`` without making the host wait: pinned first when the
+    device is a GPU, so the copy is truly asynchronous (the caching host allocator keeps the pinned block alive
+    until the copy is done). On the CPU this is a no-op."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def teacher_forcing_tensors(tokens: Sequence[Sequence[int]], direction: str, sos_id: int, eos_id: int,
                             pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder inputs and targets for one direction, as BTTR builds them.
 
     L2R: input ``<sos> y1..yn``, target ``y1..yn <eos>``; R2L: input ``<eos> yn..y1``, target ``yn..y1 <sos>``.
     Inputs are right-padded with ``pad_id``, targets with IGNORE_INDEX. Shapes [N, max_len + 1].
+    Built as Python lists and turned into one host tensor, moved with one asynchronous copy (no host sync).
     """
     start, stop = direction_tokens(sos_id, eos_id, direction)
     n = len(tokens)
     length = max((len(t) for t in tokens), default=0) + 1
-    inp = torch.full((n, length), pad_id, dtype=torch.long)
-    out = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    for i, seq in enumerate(tokens):
+    if n == 0:
+        empty = torch.empty((0, length), dtype=torch.long)
+        return to_device(empty, device), to_device(empty.clone(), device)
+    inputs, targets = [], []
+    for seq in tokens:
         seq = list(seq) if direction == "l2r" else list(seq)[::-1]
-        k = len(seq)
-        inp[i, 0] = start
-        if k:
-            inp[i, 1:k + 1] = torch.tensor(seq, dtype=torch.long)
-            out[i, :k] = torch.tensor(seq, dtype=torch.long)
-        out[i, k] = stop
-    return inp.to(device), out.to(device)
+        rest = length - 1 - len(seq)
+        inputs.append([start, *seq] + [pad_id] * rest)
+        targets.append([*seq, stop] + [IGNORE_INDEX] * rest)
+    both = to_device(torch.tensor([inputs, targets], dtype=torch.long), device)
+    return both[0], both[1]
 
 
 def sequence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

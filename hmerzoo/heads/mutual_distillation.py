@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..batch import Batch
 from ..errors import RecipeError
-from ..sequence import IGNORE_INDEX, DecoderOutput
+from ..sequence import IGNORE_INDEX, DecoderOutput, to_device
 from ..registry import HEADS
 
 PAIRINGS = ("official", "target")
@@ -51,45 +51,57 @@ class MutualDistillation(nn.Module):
     def forward(self, output: DecoderOutput, batch: Batch) -> torch.Tensor:
         if self.weight == 0:
             return output.logits.new_zeros(())
-        l2r_logits, l2r_valid = _direction_rows(output, "l2r")
-        r2l_logits, r2l_valid = _direction_rows(output, "r2l")
-        if self.pairing == "official":
-            teacher, student = _official_pairs(l2r_logits, l2r_valid, r2l_logits, r2l_valid)
-        else:
-            teacher, student = _target_pairs(l2r_logits, l2r_valid, r2l_logits)
-        if teacher.shape[0] == 0:  # only empty captions: nothing to pair
+        l2r_rows = _direction_rows(output, "l2r")
+        r2l_rows = _direction_rows(output, "r2l")
+        steps = output.logits.shape[1]
+        lengths = _caption_lengths(output, batch, l2r_rows, r2l_rows)
+        pairs = _official_pairs if self.pairing == "official" else _target_pairs
+        teacher_index, student_index = pairs(l2r_rows, r2l_rows, lengths, steps)
+        if not teacher_index:  # only empty captions: nothing to pair
             return output.logits.new_zeros(())
+        # the pairs' flat row numbers are known on the host (from the captions): one asynchronous copy and two
+        # index_selects pick the same rows, in the same order, as the official boolean masks, without a host sync
+        index = to_device(torch.tensor([teacher_index, student_index]), output.logits.device)
+        flat = output.logits.reshape(-1, output.logits.shape[-1])
+        teacher, student = flat.index_select(0, index[0]), flat.index_select(0, index[1])
         t = self.temperature
         kl = F.kl_div(F.log_softmax(student.float() / t, dim=-1), F.softmax(teacher.float() / t, dim=-1),
                       reduction="batchmean")
         return self.weight * kl * t * t
 
 
-def _direction_rows(output: DecoderOutput, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [B,T,V], valid steps [B,T]) of one direction's rows."""
+def _direction_rows(output: DecoderOutput, direction: str) -> list[int]:
+    """The rows of the decoder output in one direction (one per sample, in batch order)."""
     rows = [i for i, d in enumerate(output.directions) if d == direction]
     if not rows:
         raise RecipeError(f"mutual_distillation head: the decoder output has no {direction} rows (directions: "
                           f"{sorted(set(output.directions)) or 'none'}); it needs a decoder that trains both "
                           "directions, such as abm with directions [l2r, r2l]")
-    index = torch.tensor(rows, device=output.logits.device)
-    return output.logits.index_select(0, index), output.targets.index_select(0, index) != IGNORE_INDEX
+    return rows
 
 
-def _official_pairs(l2r: torch.Tensor, l2r_valid: torch.Tensor, r2l: torch.Tensor,
-                    r2l_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # time-major, step 0 dropped, R2L flipped in time; boolean indexing keeps (time, sample) order, as the official
-    # view(-1) + nonzero does
-    teacher = l2r.transpose(0, 1)[1:][l2r_valid.transpose(0, 1)[1:]]
-    student = r2l.transpose(0, 1)[1:].flip(0)[r2l_valid.transpose(0, 1)[1:].flip(0)]
+def _caption_lengths(output: DecoderOutput, batch: Batch | None, l2r: list[int], r2l: list[int]) -> list[int]:
+    """Caption length n per sample (its rows have n + 1 targeted steps, teacher forcing's targets): from the
+    batch's tokens when they match the output (the training path: no host sync), else read from the targets."""
+    tokens = getattr(batch, "tokens", None)
+    steps = output.logits.shape[1]
+    if tokens is not None and len(l2r) == len(r2l) == len(tokens) and steps == max(map(len, tokens), default=0) + 1:
+        return [len(t) for t in tokens]
+    l2r_index = torch.tensor(l2r, device=output.targets.device)
+    return ((output.targets.index_select(0, l2r_index) != IGNORE_INDEX).sum(1) - 1).tolist()
+
+
+def _official_pairs(l2r: list[int], r2l: list[int], lengths: list[int],
+                    steps: int) -> tuple[list[int], list[int]]:
+    # time-major, step 0 dropped, R2L flipped in time, valid steps (t <= n) only: the (time, sample) order of the
+    # official view(-1) + nonzero. Row r's step t is flat row r * steps + t.
+    teacher = [l2r[b] * steps + t for t in range(1, steps) for b, n in enumerate(lengths) if t <= n]
+    student = [r2l[b] * steps + t for t in range(steps - 1, 0, -1) for b, n in enumerate(lengths) if t <= n]
     return teacher, student
 
 
-def _target_pairs(l2r: torch.Tensor, l2r_valid: torch.Tensor, r2l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # a caption of n tokens has n + 1 valid steps; L2R step t and R2L step n-1-t both predict y_{t+1} (t < n)
-    lengths = l2r_valid.sum(1) - 1
-    steps = torch.arange(l2r.shape[1], device=l2r.device)
-    pair = steps[None, :] < lengths[:, None]  # [B,T]: L2R steps with a caption-token target
-    mirrored = (lengths[:, None] - 1 - steps[None, :]).clamp_min(0)  # the R2L step predicting the same token
-    r2l_aligned = r2l.gather(1, mirrored[:, :, None].expand(-1, -1, r2l.shape[-1]))
-    return l2r[pair], r2l_aligned[pair]
+def _target_pairs(l2r: list[int], r2l: list[int], lengths: list[int], steps: int) -> tuple[list[int], list[int]]:
+    # a caption of n tokens: L2R step t and R2L step n-1-t both predict y_{t+1} (t < n); sample-major order
+    teacher = [l2r[b] * steps + t for b, n in enumerate(lengths) for t in range(n)]
+    student = [r2l[b] * steps + n - 1 - t for b, n in enumerate(lengths) for t in range(n)]
+    return teacher, student

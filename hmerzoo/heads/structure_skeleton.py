@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..batch import Batch
 from ..errors import RecipeError
-from ..sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
+from ..sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors, to_device
 from ..registry import HEADS
 from ..vocab import Vocabulary
 
@@ -82,7 +82,7 @@ class StructureSkeletonHead(nn.Module):
                 raise ValueError(f"structure_skeleton head: targets of length {target.shape[1]} do not fit the "
                                  f"decoder output's {length} positions")
             out[rows, :target.shape[1]] = target
-        return out.to(device)
+        return to_device(out, device)  # built on the host: one asynchronous copy
 
     def forward(self, output: DecoderOutput, batch: Batch) -> torch.Tensor:
         if output.hidden is None:

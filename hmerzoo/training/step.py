@@ -71,7 +71,7 @@ def train_step(model: nn.Module, batch: Batch | Sequence[Batch], optimizer: torc
     # With no clipping, max_norm=inf still returns the total norm; multiplying by 1.0 is cheap and exact.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
     # One transfer to the host per step, not one per number.
-    values = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device), *named_tensors]).tolist()
+    values = torch.stack([*losses, grad_norm.detach().float().to(losses[0].device, non_blocking=True), *named_tensors]).tolist()
     batch_losses, norm_value = values[:k], values[k]
     loss_value = batch_losses[0] if k == 1 else sum(batch_losses) / k
     named: dict[str, float] = {}

@@ -1,0 +1,105 @@
+"""Host syncs of the training step (issue 14: target <= 1 per step) and the sync-free code that got it there."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmerzoo.batch import Batch
+from hmerzoo.builder import build_component
+from hmerzoo.heads.mutual_distillation import MutualDistillation
+from hmerzoo.registry import OPTIMIZERS
+from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
+
+# Upper bounds per training step (benchmarks/syncs.py's tiny models, fp32, one step after a warm-up). The one read
+# every recipe has is train_step's single .tolist() of the losses and gradient norm. CoMER and HMER-MTL add one
+# boolean-mask index in the ARM's masked BatchNorm (layers/masked_batch_norm.py), not yet rewritten.
+TRAIN_STEP_SYNCS = {"abm": 1, "bttr": 1, "comer": 2, "hmer_mtl": 2}
+
+
+def _syncs_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "syncs.py"
+    spec = importlib.util.spec_from_file_location("hmerzoo_bench_syncs_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_STEP_SYNCS))
+def test_training_step_syncs_stay_at_their_bound(name, sample_root):
+    from hmerzoo.runtime import seed_everything
+    from hmerzoo.training import train_step
+
+    syncs = _syncs_module()
+    seed_everything(0)
+    model, recipe = syncs.tiny_model(name, sample_root)
+    batch = syncs.small_batch(sample_root, recipe, 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_component(OPTIMIZERS, recipe["optim"], "optim", {"params": params})
+    grad_clip = (recipe.get("train") or {}).get("grad_clip")
+    device = torch.device("cpu")
+    model.train()
+    train_step(model, batch, optimizer, params, device, "fp32", grad_clip=grad_clip, step=1)  # warm-up
+    with syncs.Counter() as counter:
+        train_step(model, batch, optimizer, params, device, "fp32", grad_clip=grad_clip, step=2)
+    assert counter.total <= TRAIN_STEP_SYNCS[name], counter.summary()
+    assert counter.count("blocking copy") == 0, counter.summary()
+    assert [e.where.split(":")[0] for e in counter.events if e.kind == "read"] == ["hmerzoo/training/step.py"]
+
+
+def _reference_teacher_forcing(tokens, direction, sos, eos, pad):
+    """The per-element construction teacher_forcing_tensors had before, kept as the reference."""
+    start, stop = (sos, eos) if direction == "l2r" else (eos, sos)
+    length = max((len(t) for t in tokens), default=0) + 1
+    inp = torch.full((len(tokens), length), pad, dtype=torch.long)
+    out = torch.full((len(tokens), length), IGNORE_INDEX, dtype=torch.long)
+    for i, seq in enumerate(tokens):
+        seq = list(seq) if direction == "l2r" else list(seq)[::-1]
+        inp[i, 0] = start
+        inp[i, 1:len(seq) + 1] = torch.tensor(seq, dtype=torch.long)
+        out[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        out[i, len(seq)] = stop
+    return inp, out
+
+
+@pytest.mark.parametrize("direction", ["l2r", "r2l"])
+def test_teacher_forcing_tensors_match_the_reference_without_syncs(direction):
+    from hmerzoo.host_syncs import HostSyncCounter
+
+    tokens = [[5, 6, 7], [], [8], [9, 10, 11, 12, 13]]
+    with HostSyncCounter() as counter:
+        inp, out = teacher_forcing_tensors(tokens, direction, 1, 2, 0, device="cpu")
+    assert counter.total == 0, counter.summary()
+    ref_inp, ref_out = _reference_teacher_forcing(tokens, direction, 1, 2, 0)
+    assert torch.equal(inp, ref_inp) and torch.equal(out, ref_out)
+    assert inp.dtype == out.dtype == torch.long and inp.shape == (4, 6)
+    if direction == "r2l":
+        assert inp[3].tolist() == [2, 13, 12, 11, 10, 9] and out[1].tolist() == [1] + [IGNORE_INDEX] * 5
+    empty_inp, empty_out = teacher_forcing_tensors([], direction, 1, 2, 0)
+    assert empty_inp.shape == empty_out.shape == (0, 1)
+
+
+@pytest.mark.parametrize("pairing", ["official", "target"])
+def test_mutual_distillation_pairs_from_the_captions_equal_those_from_the_targets(pairing):
+    """The training path reads the caption lengths from batch.tokens (no sync); the loss must equal the one
+    computed from the targets on the device (batch None), pair for pair."""
+    from hmerzoo.host_syncs import HostSyncCounter
+
+    torch.manual_seed(0)
+    tokens = [[4, 5, 6], [7], [], [8, 9]]
+    steps, vocab = max(map(len, tokens)) + 1, 10
+    _, l2r_targets = teacher_forcing_tensors(tokens, "l2r", 1, 2, 0)
+    _, r2l_targets = teacher_forcing_tensors(tokens, "r2l", 1, 2, 2)
+    logits = torch.randn(2 * len(tokens), steps, vocab)
+    output = DecoderOutput(logits=logits, targets=torch.cat((l2r_targets, r2l_targets)),
+                           directions=["l2r"] * len(tokens) + ["r2l"] * len(tokens))
+    batch = Batch(torch.zeros(len(tokens), 1, 4, 4), torch.zeros(len(tokens), 4, 4, dtype=torch.bool), tokens)
+    head = MutualDistillation(weight=0.5, temperature=4.0, pairing=pairing)
+    with HostSyncCounter() as counter:
+        from_captions = head(output, batch)
+    assert counter.total == 0, counter.summary()
+    from_targets = head(output, None)
+    assert float(from_captions) > 0
+    torch.testing.assert_close(from_captions, from_targets, rtol=0, atol=0)
