@@ -10,16 +10,39 @@ def batch_norm_valid(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, pad: 
 
     In training the statistics (and the running averages) come from the valid positions alone, as the official
     ``MaskBatchNorm2d`` computes them; padded positions are returned unchanged. Works for BatchNorm1d/2d modules.
+    The statistics are masked sums over the whole map, not an index of the valid positions: a boolean index costs
+    a host sync (its size depends on the data) and breaks torch.compile graphs, on every call of CoMER's ARM.
     """
-    channels_last = x.permute(0, 2, 3, 1)  # [M, h, w, C]
-    valid = ~pad
-    picked = channels_last[valid]  # [n, C]
-    if isinstance(bn, nn.BatchNorm2d):
-        normed = bn(picked[:, :, None, None]).flatten(1)
+    valid = (~pad).unsqueeze(1)  # [M, 1, h, w]
+    xf = x.float()
+    if bn.training or not bn.track_running_stats or bn.running_mean is None:
+        weight = valid.to(xf.dtype)
+        count = weight.sum()  # valid positions, the same for every channel
+        mean = (xf * weight).sum((0, 2, 3)) / count.clamp_min(1)
+        centred = (xf - mean[None, :, None, None]) * weight
+        var = (centred * centred).sum((0, 2, 3)) / count.clamp_min(1)  # biased, as BatchNorm normalises with
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            _update_running_stats(bn, mean.detach(), var.detach(), count)
     else:
-        normed = bn(picked)
-    out = channels_last.masked_scatter(valid[..., None], normed.to(x.dtype))
-    return out.permute(0, 3, 1, 2)
+        mean, var = bn.running_mean.float(), bn.running_var.float()
+    normed = (xf - mean[None, :, None, None]) * torch.rsqrt(var + bn.eps)[None, :, None, None]
+    if bn.affine:
+        normed = normed * bn.weight.float()[None, :, None, None] + bn.bias.float()[None, :, None, None]
+    return torch.where(valid, normed.to(x.dtype), x)
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                          count: torch.Tensor) -> None:
+    """BatchNorm's running averages, by hand: momentum (or a cumulative average when it is None), the variance
+    unbiased over the valid positions. Tensor arithmetic only, so nothing waits for the device."""
+    bn.num_batches_tracked.add_(1)
+    unbiased = var * count / (count - 1).clamp_min(1)
+    for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+        if bn.momentum is None:  # cumulative average: the factor lives on the device, read by nobody
+            running.lerp_(batch.to(running.dtype), 1.0 / bn.num_batches_tracked.to(running.dtype))
+        else:
+            running.mul_(1.0 - bn.momentum).add_(batch.to(running.dtype), alpha=bn.momentum)
 
 
 class MaskedBatchNorm(nn.Module):
