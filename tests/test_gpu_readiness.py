@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark_modules import load_benchmark
 from hmerzoo import evaluate, predict
 from hmerzoo.runtime import inference_settings, runtime_settings
 
@@ -59,17 +60,6 @@ def test_eval_and_predict_decode_under_tf32(monkeypatch, tmp_path):
 
 
 # --- train.compile covers every shipped recipe's training forward ----------------------------------------------
-def _syncs_module():
-    """benchmarks/syncs.py (not a package): its tiny recipe sizes and batch builder."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "syncs.py"
-    spec = importlib.util.spec_from_file_location("hmerzoo_bench_syncs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compiled_training_forward(name: str, root: Path) -> tuple[dict[str, int], int, list[str]]:
     """Compile a tiny model of recipe ``name`` as train.compile does (each target with a graph-counting eager
     backend), run one training forward and backward; -> (graphs per compiled module, graph breaks, break reasons)."""
@@ -78,7 +68,7 @@ def compiled_training_forward(name: str, root: Path) -> tuple[dict[str, int], in
 
     from hmerzoo.training import compile_targets
 
-    syncs = _syncs_module()
+    syncs = load_benchmark("syncs")
     torch.manual_seed(0)
     model, recipe = syncs.tiny_model(name, root)
     batch = syncs.small_batch(root, recipe, 3)

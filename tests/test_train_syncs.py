@@ -1,12 +1,10 @@
 """Host syncs of the training step (issue 14: target <= 1 per step) and the sync-free code that got it there."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmark_modules import load_benchmark
 from hmerzoo.batch import Batch
 from hmerzoo.builder import build_component
 from hmerzoo.heads.mutual_distillation import MutualDistillation
@@ -19,20 +17,12 @@ from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensor
 TRAIN_STEP_SYNCS = {"abm": 1, "bttr": 1, "comer": 1, "hmer_mtl": 1}
 
 
-def _syncs_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "syncs.py"
-    spec = importlib.util.spec_from_file_location("hmerzoo_bench_syncs_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", sorted(TRAIN_STEP_SYNCS))
 def test_training_step_syncs_stay_at_their_bound(name, sample_root):
     from hmerzoo.runtime import seed_everything
     from hmerzoo.training import train_step
 
-    syncs = _syncs_module()
+    syncs = load_benchmark("syncs")
     seed_everything(0)
     model, recipe = syncs.tiny_model(name, sample_root)
     batch = syncs.small_batch(sample_root, recipe, 3)

@@ -317,16 +317,20 @@ class CrohmeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_image(self, index: int) -> torch.Tensor:
-        """Decode sample ``index``'s image to [1, h, w] float32 in [0, 1] (raises DataError naming the file)."""
+    def read_image_file(self, index: int) -> tuple[SampleRecord, str, bytes]:
+        """Sample ``index``'s record, where its image is (for messages) and the image file's bytes."""
         record = self.samples[index]
         image_where = self.source.describe(record.image_file)
         try:
-            data = self.source.read(record.image_file)
+            return record, image_where, self.source.read(record.image_file)
         except OSError as e:
             raise DataError(f"{record.where}: {image_where}: cannot read the image ({e})") from None
         except DataError as e:
             raise DataError(f"{record.where}: {e}") from None
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """Decode sample ``index``'s image to [1, h, w] float32 in [0, 1] (raises DataError naming the file)."""
+        record, image_where, data = self.read_image_file(index)
         try:
             return array_to_tensor(read_image_bytes(data, where=image_where), where=image_where)
         except DataError as e:

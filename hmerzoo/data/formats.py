@@ -52,12 +52,7 @@ class _PhotoPixels:
     """``load_image`` through prepare_image: photos of dark ink on paper come out white-on-black like CROHME."""
 
     def load_image(self, index: int) -> torch.Tensor:
-        record = self.samples[index]
-        image_where = self.source.describe(record.image_file)
-        try:
-            data = self.source.read(record.image_file)
-        except OSError as e:
-            raise DataError(f"{record.where}: {image_where}: cannot read the image ({e})") from None
+        record, image_where, data = self.read_image_file(index)
         try:
             with Image.open(io.BytesIO(data)) as pil:
                 pil.load()
