@@ -93,3 +93,25 @@ def test_mutual_distillation_pairs_from_the_captions_equal_those_from_the_target
     from_targets = head(output, None)
     assert float(from_captions) > 0
     torch.testing.assert_close(from_captions, from_targets, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_STEP_SYNCS))
+def test_greedy_decoding_reads_the_device_once_per_step(name, sample_root):
+    """Validation's greedy decoding: one packed read per step ("are all rows done?"); the difference between a
+    12-step and a 6-step decode isolates the per-step cost from the one-off ones (encoder, init, final read)."""
+    from hmerzoo.runtime import seed_everything
+
+    syncs = load_benchmark("syncs")
+    seed_everything(0)
+    model, recipe = syncs.tiny_model(name, sample_root)
+    batch = syncs.small_batch(sample_root, recipe, 3)
+    model.eval()
+    steps = syncs.counting_steps(model.decoder, [model.vocab.sos_id, model.vocab.eos_id])  # never stops early
+    totals = {}
+    for max_len in (6, 12):
+        before = steps()
+        with torch.no_grad(), syncs.Counter() as counter:
+            model.greedy(batch.images, batch.image_mask, max_len=max_len)
+        assert steps() - before == max_len
+        totals[max_len] = counter.total
+    assert totals[12] - totals[6] == 6, totals

@@ -154,6 +154,8 @@ class ABMDecoderState:
 
     memory/keys/memory_mask: per image, computed once; kernel: the fused coverage convolution; memory_row [N]: the
     image of each row; hidden [N,n]: the GRU state (h2 of the last step); coverage [N,h,w]: the summed attention.
+    one_row_per_image: row i still reads image i (no reorder yet, as in greedy decoding), so no gather is needed;
+    a flag kept on the host, since comparing ``memory_row`` with the identity would wait for the device every step.
     """
 
     direction: str
@@ -164,6 +166,7 @@ class ABMDecoderState:
     memory_row: torch.Tensor
     hidden: torch.Tensor
     coverage: torch.Tensor
+    one_row_per_image: bool = True
 
 
 @DECODERS.register("abm")
@@ -279,10 +282,10 @@ class ABMDecoder(SequenceDecoder):
     def step(self, state: ABMDecoderState, last_tokens: torch.Tensor) -> tuple[torch.Tensor, ABMDecoderState]:
         """Logits [N,V] of the next token given the previous one [N]: one step of both GRUs and the attention."""
         branch = self.branch(state.direction)
-        rows = state.memory_row
-        if _is_identity(rows, state.memory.shape[0]):
+        if state.one_row_per_image:
             memory, keys, mask = state.memory, state.keys, state.memory_mask
         else:
+            rows = state.memory_row
             memory, keys, mask = (t.index_select(0, rows) for t in (state.memory, state.keys, state.memory_mask))
         embedded = branch.embedding(last_tokens)
         h1 = branch.gru1(state.hidden, branch.gru1_input(embedded))
@@ -294,12 +297,8 @@ class ABMDecoder(SequenceDecoder):
     def reorder_state(self, state: ABMDecoderState, index: torch.Tensor) -> ABMDecoderState:
         """Row i of the result is row ``index[i]``; the per-image memory stays put."""
         return replace(state, memory_row=state.memory_row.index_select(0, index),
-                       hidden=state.hidden.index_select(0, index), coverage=state.coverage.index_select(0, index))
-
-
-def _is_identity(rows: torch.Tensor, num_memory: int) -> bool:
-    """Row i reads image i for every i (no gather needed)."""
-    return rows.numel() == num_memory and bool((rows == torch.arange(num_memory, device=rows.device)).all())
+                       hidden=state.hidden.index_select(0, index), coverage=state.coverage.index_select(0, index),
+                       one_row_per_image=False)
 
 
 def _init_weights(module: nn.Module, init_weight: Callable[[torch.Tensor], torch.Tensor],

@@ -273,8 +273,8 @@ class TransformerSequenceDecoder(SequenceDecoder):
         x = self._embed(last_tokens[:, None], offset=state.position)  # [N,1,d]
         self_pad = torch.cat((state.self_pad, (last_tokens == self.pad_id)[:, None]), dim=1)
         # the official key padding mask also hides <pad> inputs of a hypothesis (only if the model emits <pad>);
-        # None when there is none, so attention takes its unmasked path
-        self_mask = (~self_pad)[:, None, None, :] if bool(self_pad.any()) else None
+        # always passed: asking whether any input was <pad> would wait for the device at every step
+        self_mask = (~self_pad)[:, None, None, :]
         hook = self._layer_hook(None, state)
         cross = state.cross
         x, new_k, new_v = self._run_layers(x, cross.keys, cross.values, self_mask, cross.mask, state.layout, hook,
