@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from hmerzoo.batch import Batch
 from hmerzoo.builder import build_model
 from hmerzoo.decoders.abm import ABMDecoder
-from hmerzoo.layers.attention_aggregation import AttentionAggregation
 from hmerzoo.errors import DataError, HmerzooError, RecipeError
 from hmerzoo.heads.mutual_distillation import MutualDistillation
+from hmerzoo.layers.attention_aggregation import AttentionAggregation
 from hmerzoo.losses import SequenceCrossEntropy
-from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput
 from hmerzoo.optim import Plateau
+from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput
 from hmerzoo.vocab import Vocabulary
+from parity_harness import step_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,20 +142,9 @@ def test_incremental_equals_teacher_forced(direction: str) -> None:
     with torch.no_grad():
         teacher, targets = decoder.teacher_forced(memory, mask, tokens, direction)
         inputs, _ = decoder._teacher_forcing(tokens, direction, memory.device)
-        state = decoder.init_state(memory, mask, direction)
-        order = torch.arange(3)
-        stepped = []
-        for t in range(inputs.shape[1]):
-            if t == 2:
-                perm = torch.tensor([2, 0, 1])
-                state = decoder.reorder_state(state, perm)
-                order = order[perm]
-            logits, state = decoder.step(state, inputs[order, t])
-            out = torch.empty_like(logits)
-            out[order] = logits
-            stepped.append(out)
+        stepped = step_logits(decoder, memory, mask, inputs, direction, reorder_at=2)  # rows reordered at step 2
     valid = targets != IGNORE_INDEX
-    torch.testing.assert_close(torch.stack(stepped, 1)[valid], teacher[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped[valid], teacher[valid], atol=1e-5, rtol=1e-5)
 
 
 def test_padded_memory_decodes_like_the_image_alone() -> None:
