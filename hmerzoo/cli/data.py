@@ -1,0 +1,86 @@
+"""``hmerzoo data``: fetch CROHME, build a dictionary, check a data root."""
+from __future__ import annotations
+
+import argparse
+
+from .common import console
+
+
+def cmd_data_vocab(args: argparse.Namespace) -> int:
+    from ..data.check import token_counts, write_dictionary
+
+    counts = token_counts(args.root, args.split or None)
+    out = console()
+    for token, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        out.print(f"{n:>9}  {token}", markup=False, highlight=False)
+    out.print(f"{len(counts)} tokens, {sum(counts.values())} occurrences", markup=False)
+    if args.out:
+        out.print(f"wrote {write_dictionary(counts, args.out)}", markup=False)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from ..config import DataConfig, check_section, make_section
+    from ..data.check import check_root, check_table
+    from ..errors import RecipeError
+
+    data, dictionary = DataConfig(), None
+    if args.recipe:
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        section = dict(recipe.get("data") or {})
+        problems = check_section(DataConfig, section, "data")
+        if problems:
+            raise RecipeError(f"{args.recipe}: " + "; ".join(problems))
+        data = make_section(DataConfig, section)
+        dictionary = (recipe.get("vocab") or {}).get("dictionary")
+    result = check_root(args.root, data, dictionary=args.dictionary or dictionary, splits=args.split or None)
+    out = console()
+    out.print(check_table(result))
+    for problem in result.problems:
+        out.print(problem, markup=False, highlight=False, soft_wrap=True)
+    verdict = "ok" if result.ok else f"{len(result.problems)} problem(s)"
+    out.print(f"{verdict}; samples over the limits are not problems (training drops them)", markup=False)
+    return 0 if result.ok else 1
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from ..config import user_data_root
+    from ..data.fetch import fetch
+
+    root, digest, verified = fetch(args.dataset, to=args.to, url=args.url, sha256=args.sha256,
+                                   progress=not args.quiet)
+    note = "verified" if verified else "NOT verified: no checksum is known for this URL (pass --sha256 H)"
+    print(f"sha256 {digest} ({note})")
+    where = ("found without data.root" if root == user_data_root() else f"use it with data.root={root} or "
+             f"HMERZOO_DATA={root}")
+    print(f"wrote {root} ({where})")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    data = sub.add_parser("data", help="datasets: fetch CROHME, build a dictionary, check a data root")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=argparse.ArgumentParser)
+    dv = dsub.add_parser("vocab", help="token counts of a data root's captions, and a dictionary from them")
+    dv.add_argument("root", help="data root (<split>/ folders or <split>.zip files)")
+    dv.add_argument("--split", nargs="+", default=None, metavar="SPLIT", help="only these splits (default: all)")
+    dv.add_argument("--out", default=None, metavar="FILE", help="write the dictionary (one token per line) here")
+    dv.set_defaults(func=cmd_data_vocab)
+    dc = dsub.add_parser("check", help="check every sample of a data root; exit status 1 when problems are found")
+    dc.add_argument("root", help="data root (<split>/ folders or <split>.zip files)")
+    dc.add_argument("--recipe", default=None, metavar="R",
+                    help="take the size and length limits (data.max_image_pixels, data.max_len) and "
+                         "vocab.dictionary from this recipe")
+    dc.add_argument("--dictionary", default=None, metavar="FILE", help="default: ROOT/dictionary.txt")
+    dc.add_argument("--split", nargs="+", default=None, metavar="SPLIT", help="only these splits (default: all)")
+    dc.set_defaults(func=cmd_data_check)
+    df = dsub.add_parser("fetch", help="download a dataset and unpack it as a data root")
+    df.add_argument("dataset", choices=["crohme"])
+    df.add_argument("--to", default=None, metavar="DIR",
+                    help="where the data root goes (default: $HMERZOO_HOME/datasets/crohme, "
+                         "~/.cache/hmerzoo/datasets/crohme), found then without data.root")
+    df.add_argument("--url", default=None, help="download from here instead (http(s)://, file:// or a path)")
+    df.add_argument("--sha256", default=None, metavar="H", help="the archive's expected sha256")
+    df.add_argument("--quiet", action="store_true", help="no progress bar")
+    df.set_defaults(func=cmd_data_fetch)
