@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from ..config import DICTIONARY_FILE, DataConfig
+from ..config import DICTIONARY_FILE, DataConfig, resolve_data_root
 from ..errors import DataError
 from ..vocab import DEFAULT_SPECIALS, Vocabulary
 from .crohme import CAPTION_FILE, IMAGE_EXTENSIONS, SplitSource
-from .formats import open_format_split, splits_of
+from .formats import detect_format, open_format_split, splits_of
 from .images import read_image_bytes
 
 
@@ -30,13 +30,13 @@ class CaptionLine:
     malformed: bool = False  # no tab between name and caption
 
 
-def _splits(root: str | os.PathLike, splits: list[str] | None) -> list[str]:
-    found = splits_of(root)
+def _splits(root: str | os.PathLike, splits: list[str] | None, format: str = "auto") -> list[str]:
+    found = splits_of(root, format)
     if not Path(root).exists():
         raise DataError(f"data root '{root}' does not exist")
     if not found:
         raise DataError(f"data root '{root}': no splits found (<split>/{CAPTION_FILE} folders or <split>.zip files, "
-                        "<split>_images/ + <split>_labels.txt, or <split>/labels.tsv)")
+                        "<split>_images/ + <split>_labels.txt, <split>/labels.tsv, or <split>/*.inkml)")
     if splits:
         missing = [s for s in splits if s not in found]
         if missing:
@@ -54,17 +54,48 @@ def caption_lines(source: SplitSource, where: str, split: str) -> Iterator[Capti
         name, tab, caption = line.partition("\t")
         if not tab:  # WAP-style files separate with spaces; take the first field as the name
             name, _, caption = line.strip().partition(" ")
-        yield CaptionLine(split, f"{where}:{number}", name.strip(), caption.split(), malformed=not tab)
+        yield CaptionLine(split, f"{where}:{number}", name.strip(), source.tokens(caption), malformed=not tab)
 
 
-def token_counts(root: str | os.PathLike, splits: list[str] | None = None) -> collections.Counter:
+def token_counts(root: str | os.PathLike, splits: list[str] | None = None,
+                 format: str = "auto") -> collections.Counter:
     """How often each caption token occurs over the given splits (default: all of them)."""
     counts: collections.Counter = collections.Counter()
-    for split in _splits(root, splits):
-        source, where = open_format_split(root, split)
+    for split in _splits(root, splits, format):
+        source, where = open_format_split(root, split, format)
         for line in caption_lines(source, where, split):
             counts.update(line.tokens)
     return counts
+
+
+# formats whose roots come without a dictionary: their vocabulary can be read off the labels
+LABEL_VOCABULARY_FORMATS = ("hme100k", "folder", "inkml")
+
+
+def labels_vocabulary(recipe: dict) -> Vocabulary | None:
+    """The vocabulary of a recipe's data root read off its labels, where the recipe names no dictionary and the
+    root (an HME100K, folder or InkML root) has no ``dictionary.txt``; None otherwise (the dictionary decides).
+
+    The tokens of every split, sorted, after ``vocab.specials``: the ids depend on the root's labels, not on which
+    splits a run reads. The trained model keeps its vocabulary, so evaluation needs no dictionary either.
+    """
+    vocab_cfg, data_cfg = recipe.get("vocab") or {}, recipe.get("data") or {}
+    if vocab_cfg.get("dictionary") is not None or data_cfg.get("dataset") is not None:
+        return None
+    root = resolve_data_root(data_cfg.get("root"))
+    if not Path(root).is_dir() or (Path(root) / DICTIONARY_FILE).is_file():
+        return None
+    fmt = data_cfg.get("format") or "auto"
+    try:
+        fmt = detect_format(root) if fmt == "auto" else fmt
+    except DataError:
+        return None  # the dataset reports the ambiguity (or the missing data) where it is opened
+    if fmt not in LABEL_VOCABULARY_FORMATS:
+        return None
+    specials = vocab_cfg.get("specials")
+    specials = list(DEFAULT_SPECIALS if specials is None else specials)
+    tokens = [t for t in sorted(token_counts(root, format=fmt)) if t not in specials]
+    return Vocabulary(specials + tokens, roles=vocab_cfg.get("roles"))
 
 
 def write_dictionary(counts: collections.Counter, out: str | os.PathLike) -> Path:

@@ -62,6 +62,10 @@ class SplitSource:
     def describe(self, filename: str) -> str:
         raise NotImplementedError
 
+    def tokens(self, caption: str) -> list[str]:
+        """A caption's tokens (a format whose captions may be raw LaTeX tokenises them here)."""
+        return caption.split()
+
 
 class DirSource(SplitSource):
     def __init__(self, folder: Path):
@@ -282,7 +286,7 @@ class CrohmeDataset(Dataset):
 
     def _read_line(self, line: str, where: str, seen: dict[str, str]) -> SampleRecord | None:
         name, _, rest = line.partition("\t") if "\t" in line else line.partition(" ")
-        name, tokens = name.strip(), rest.split()
+        name, tokens = name.strip(), self.source.tokens(rest)
         if not tokens:
             self._bad(REASON_EMPTY_CAPTION, f"{where}: '{name}' has an empty caption (expected 'name<TAB>tokens')")
             return None

@@ -1,6 +1,7 @@
 """Dataset formats other than CROHME's, and the one rule that picks a dataset class for a data root.
 
-``data.format`` names the layout of ``data.root``: ``crohme`` (:mod:`.crohme`), ``hme100k``, ``folder``, or
+``data.format`` names the layout of ``data.root``: ``crohme`` (:mod:`.crohme`), ``hme100k``, ``folder``, ``inkml``
+(:mod:`.inkml_format`), or
 ``auto`` (the default: detected from the files, :func:`detect_format`). ``data.dataset``, when set, names a
 dataset class directly and wins (a user's own class). :func:`dataset_class` is where that is decided; training and
 evaluation both ask it.
@@ -8,7 +9,8 @@ evaluation both ask it.
 - ``hme100k``: ``<split>_images/`` and ``<split>_labels.txt`` side by side in the root (splits ``train``, ``test``),
   label lines ``name.jpg<TAB>tok tok ...``. The images are colour camera photos, dark ink on light paper.
 - ``folder``: one folder per split holding images and ``labels.tsv`` (or ``caption.txt``), lines
-  ``name<TAB>tok tok ...``, the name with or without its extension.
+  ``name<TAB>caption``, the name with or without its extension; a caption that is not already space-separated
+  tokens is raw LaTeX, tokenised by :mod:`.latex`.
 
 Both read pixels through :func:`~.images.prepare_image` (the path ``predict`` takes for photos): gray, polarity
 detected and made white-on-black, contrast stretched; no resizing, so the sizes read from the headers for bucketing
@@ -27,8 +29,10 @@ from ..errors import DataError
 from ..registry import DATASETS
 from .crohme import CAPTION_FILE, CrohmeDataset, DirSource, SplitSource, available_splits
 from .images import prepare_image
+from .inkml_format import inkml_splits
+from .latex import tokens_of
 
-FORMATS = ("crohme", "hme100k", "folder")
+FORMATS = ("crohme", "hme100k", "folder", "inkml")
 LABELS_TSV = "labels.tsv"
 HME100K_HELP = ("an HME100K root holds <split>_images/ folders and <split>_labels.txt files side by side "
                 "(train_images/, train_labels.txt, test_images/, test_labels.txt)")
@@ -46,6 +50,14 @@ class LabelFileSource(DirSource):
 
     def caption(self) -> bytes:
         return self.label_path.read_bytes()
+
+
+class LatexLabelSource(LabelFileSource):
+    """A label file whose captions may be raw LaTeX: those not already tokens are tokenised (``x^2`` ->
+    ``x ^ { 2 }``, :func:`~.latex.tokens_of`)."""
+
+    def tokens(self, caption: str) -> list[str]:
+        return tokens_of(caption)
 
 
 class _PhotoPixels:
@@ -100,7 +112,7 @@ class FolderDataset(_PhotoPixels, CrohmeDataset):
         folder = _existing_root(root, FOLDER_HELP) / split
         for name in (LABELS_TSV, CAPTION_FILE):
             if (folder / name).is_file():
-                return LabelFileSource(folder, folder / name), str(folder / name)
+                return LatexLabelSource(folder, folder / name), str(folder / name)
         found = ", ".join(folder_splits(Path(root))) or "none"
         raise DataError(f"data root '{root}': split '{split}' not found (looked for {folder / LABELS_TSV} and "
                         f"{folder / CAPTION_FILE}); splits with {LABELS_TSV} there: {found}. {FOLDER_HELP}")
@@ -117,7 +129,10 @@ def _existing_root(root: str | os.PathLike | None, help_text: str) -> Path:
 
 def _splits_by_format(path: Path) -> dict[str, list[str]]:
     """The formats whose layout ``path`` has, with the splits found for each (formats with none left out)."""
-    found = {"crohme": available_splits(path), "hme100k": hme100k_splits(path), "folder": folder_splits(path)}
+    inkml = inkml_splits(path)
+    # a <split>.zip of InkML files is not a CROHME zip
+    crohme = [s for s in available_splits(path) if s not in inkml or (path / s / CAPTION_FILE).is_file()]
+    found = {"crohme": crohme, "hme100k": hme100k_splits(path), "folder": folder_splits(path), "inkml": inkml}
     return {fmt: splits for fmt, splits in found.items() if splits}
 
 
@@ -130,7 +145,7 @@ def detect_format(root: str | os.PathLike) -> str:
     if len(found) == 1:
         return found[0]
     expected = (f"crohme: <split>/{CAPTION_FILE} folders or <split>.zip files; hme100k: <split>_images/ + "
-                f"<split>_labels.txt; folder: <split>/{LABELS_TSV}")
+                f"<split>_labels.txt; folder: <split>/{LABELS_TSV}; inkml: <split>/*.inkml or <split>.zip of them")
     if not found:
         raise DataError(f"data root '{root}': no known dataset format found (expected {expected}); "
                         "set data.root to the right folder or data.format to one of " + ", ".join(FORMATS))
@@ -155,7 +170,8 @@ def splits_of(root: str | os.PathLike, format: str = "auto") -> list[str]:
         if len(by_format) > 1:
             detect_format(root)  # raises, naming the candidates
         return next(iter(by_format.values()), [])
-    return {"crohme": available_splits, "hme100k": hme100k_splits, "folder": folder_splits}[format](path)
+    return {"crohme": available_splits, "hme100k": hme100k_splits, "folder": folder_splits,
+            "inkml": inkml_splits}[format](path)
 
 
 def open_format_split(root: str | os.PathLike, split: str, format: str = "auto") -> tuple[SplitSource, str]:

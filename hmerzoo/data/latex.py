@@ -159,12 +159,12 @@ def tokenize(latex: str) -> list[str]:
 
 
 def is_tokenized(caption: str) -> bool:
-    """Whether a caption already reads as tokens: tokenising its space-joined form changes nothing.
+    """Whether a caption already reads as space-separated tokens: every word is one lexeme.
 
-    ``x ^ { 2 }`` is tokenised; ``x^2``, ``\\frac{a}{b}`` and ``\\alpha\\beta`` are not.
+    ``x ^ { 2 }`` and ``x ^ 2`` are tokens (kept as written); ``x^2``, ``\\frac{a}{b}``, ``12`` are not.
     """
     tokens = caption.split()
-    return bool(tokens) and all(len(lex(t)) == 1 for t in tokens) and tokenize(caption) == tokens
+    return bool(tokens) and all(len(_LEXEME.findall(t)) == 1 for t in tokens)
 
 
 def tokens_of(caption: str) -> list[str]:

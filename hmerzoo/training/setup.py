@@ -59,7 +59,9 @@ class TrainerSetup:
         self.precision = resolve_precision(cfg.precision, self.device)
 
         # validate=False: train() validated the recipe once already
-        self.model = build_model(recipe, validate=False).to(self.device)  # the same initial weights on every rank (same seed)
+        from ..data.check import labels_vocabulary  # roots without a dictionary: the vocabulary of their labels
+
+        self.model = build_model(recipe, validate=False, vocab=labels_vocabulary(recipe)).to(self.device)  # the same initial weights on every rank (same seed)
         # train.ema_decay: the EMA copy (made before compiling, so it stays a plain eager model)
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         if cfg.compile:
