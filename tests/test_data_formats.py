@@ -177,3 +177,50 @@ def test_recipe_check_names_an_unknown_format():
         validate_recipe(load_recipe("bttr", ["data.format=hme100"]))
     expected = "data.format: unknown dataset 'hme100' (did you mean 'hme100k'?)"
     assert any(p.startswith(expected) for p in e.value.problems)
+
+
+def test_folder_captions_in_raw_latex_are_tokenised(tmp_path):
+    from hmerzoo.data.check import token_counts
+
+    root = tmp_path / "f"
+    (root / "train").mkdir(parents=True)
+    for name in ("r", "s", "t"):
+        _crohme_image(root / "train" / f"{name}.png")
+    # raw LaTeX, already tokens, and tokens without the script braces (kept as written)
+    (root / "train" / "labels.tsv").write_text("r\t\\frac{x}{2}+y^2\ns\tx + 1\nt\t$x_1$\n")
+    ds = FolderDataset(root, "train", Vocabulary(["<pad>", "<sos>", "<eos>"] + TOKENS + ["^", "_"]))
+    assert [ds.vocab.decode(r.ids) for r in ds.samples] == [
+        ["\\frac", "{", "x", "}", "{", "2", "}", "+", "y", "^", "{", "2", "}"], ["x", "+", "1"],
+        ["x", "_", "{", "1", "}"]]
+    assert token_counts(root) == {"x": 3, "{": 4, "}": 4, "\\frac": 1, "2": 2, "+": 2, "y": 1, "^": 1, "1": 2,
+                                  "_": 1}
+
+
+def test_training_vocabulary_comes_from_the_labels_without_a_dictionary(tmp_path):
+    from hmerzoo.data.check import labels_vocabulary
+
+    root = _hme100k(tmp_path / "hme")
+    vocab = labels_vocabulary({"data": {"root": str(root)}})
+    # every split's tokens (train a, b, c and test d), sorted, after the specials
+    assert vocab.tokens == ["<pad>", "<sos>", "<eos>", "+", "1", "2", "3", "x"]
+    assert labels_vocabulary({"data": {"root": str(root)}, "vocab": {"specials": ["<eos>", "<sos>"],
+                              "roles": {"pad": "<eos>"}}}).tokens[:3] == ["<eos>", "<sos>", "+"]
+    # a dictionary (the recipe's or the root's) decides instead; CROHME roots never guess
+    assert labels_vocabulary({"data": {"root": str(root)}, "vocab": {"dictionary": "d.txt"}}) is None
+    assert labels_vocabulary({"data": {"root": str(_crohme(tmp_path / "c"))}}) is None
+    (root / "dictionary.txt").write_text("x\n+\n1\n2\n3\n")
+    assert labels_vocabulary({"data": {"root": str(root)}}) is None
+
+
+def test_a_training_run_on_an_hme100k_root_without_a_dictionary(tmp_path):
+    from test_trainer import quiet, toy_recipe  # its toy encoder and decoder (registered on import)
+
+    from hmerzoo import load_model, training
+
+    root = _hme100k(tmp_path / "hme")
+    recipe = toy_recipe(tmp_path, "run", max_steps=2, val_every=0)
+    del recipe["vocab"]
+    recipe["data"] = {"root": str(root), "val_split": "test", "num_workers": 0, "batch_size": 2}
+    run_dir = training.train(recipe, console=quiet())
+    # the model keeps the vocabulary read off the labels: evaluating it needs no dictionary either
+    assert load_model(run_dir).vocab.tokens == ["<pad>", "<sos>", "<eos>", "+", "1", "2", "3", "x"]

@@ -200,3 +200,36 @@ def test_default_url_is_the_comer_archive_and_unknown_datasets_fail(tmp_path):
     assert CROHME_URL.startswith("https://") and CROHME_URL.endswith("/data.zip")
     with pytest.raises(DataError, match="unknown dataset 'hme100k'"):
         fetch("hme100k", to=tmp_path / "x")
+
+
+def test_render_verb_writes_a_crohme_split_per_inkml_folder(tmp_path, capsys):
+    from test_inkml import write_root
+
+    root = write_root(tmp_path / "ink", n=2)
+    assert main(["data", "render", str(root / "train"), "--out", str(tmp_path / "one"), "--jobs", "1",
+                 "--quiet"]) == 0
+    assert (tmp_path / "one" / "caption.txt").read_text() == "ex_0\tx ^ { 2 }\nex_1\tx ^ { 2 }\n"
+    assert "wrote 2 images" in capsys.readouterr().out
+    # a folder of split folders: one output folder each, read back as a CROHME root
+    assert main(["data", "render", str(root), "--out", str(tmp_path / "all"), "--jobs", "2", "--quiet",
+                 "--margin", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["test", "train"]
+    assert token_counts(tmp_path / "all") == {"x": 2, "^": 2, "{": 4, "}": 4, "2": 2, "\\frac": 1, "a": 1, "b": 1}
+    small = Image.open(tmp_path / "all" / "train" / "ex_0.bmp")
+    assert small.size[1] == Image.open(tmp_path / "one" / "ex_0.bmp").size[1] - 2 * (12 - 4)
+    # an existing destination is refused, not overwritten
+    assert main(["data", "render", str(root / "train"), "--out", str(tmp_path / "one"), "--quiet"]) == 2
+
+
+def test_show_verb_draws_a_contact_sheet(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    root = _root(tmp_path)
+    out = tmp_path / "sheet.png"
+    assert main(["data", "show", str(root), "--out", str(out), "-n", "3", "--columns", "2"]) == 0
+    assert f"wrote {out}: 3 of 4 samples" in capsys.readouterr().out
+    with Image.open(out) as sheet:
+        assert sheet.format == "PNG" and sheet.size[0] >= 800 and sheet.size[1] >= 500
+        pixels = np.asarray(sheet.convert("L"))
+    assert (pixels < 50).mean() > 0.01  # the images' black backgrounds are drawn
+    with pytest.raises(SystemExit):
+        main(["data", "show", str(root)])  # --out is required

@@ -1,4 +1,4 @@
-"""``hmerzoo data``: fetch CROHME, build a dictionary, check a data root."""
+"""``hmerzoo data``: fetch CROHME, render InkML, build a dictionary, check a data root, show a split."""
 from __future__ import annotations
 
 import argparse
@@ -59,8 +59,47 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..data.inkml import RenderSettings
+    from ..data.inkml_format import folder_files, inkml_splits, render_files, zip_files
+    from ..errors import DataError
+
+    source, out = Path(args.inkml_dir).expanduser(), Path(args.out).expanduser()
+    settings = RenderSettings(stroke_width=args.stroke_width, symbol_height=args.symbol_height, margin=args.margin)
+    if source.is_file() and source.suffix == ".zip":
+        jobs = [(str(source), zip_files(source), out)]
+    elif source.is_dir() and next(source.glob("*.inkml"), None) is not None:
+        jobs = [(str(source), folder_files(source), out)]  # InkML files at the top: one split, written to --out
+    elif source.is_dir() and inkml_splits(source):
+        jobs = [(str(source / s), folder_files(source / s) if (source / s).is_dir() else zip_files(source / f"{s}.zip"),
+                 out / s) for s in inkml_splits(source)]  # one split per folder (or zip) of InkML
+    else:
+        raise DataError(f"{source}: no .inkml files there (expected a folder of them, a folder of split folders "
+                        "holding them, or a zip of them)")
+    for where, files, split_out in jobs:
+        result = render_files(files, split_out, settings, jobs=args.jobs, progress=not args.quiet,
+                              label=f"render {Path(where).name}")
+        note = f", {len(result.skipped)} skipped (listed in {split_out / 'skipped.txt'})" if result.skipped else ""
+        print(f"{where}: wrote {result.rendered} images and caption.txt to {split_out}{note}")
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from ..data.sheet import contact_sheet, open_for_show
+
+    dataset = open_for_show(args.root, args.split, args.format)
+    out = contact_sheet(dataset, args.out, samples=args.samples, columns=args.columns, seed=args.seed)
+    bad = dataset.report.count()
+    print(f"wrote {out}: {min(args.samples, len(dataset))} of {len(dataset)} samples"
+          + (f" ({bad} bad samples left out)" if bad else ""))
+    return 0
+
+
 def add_parsers(sub) -> None:
-    data = sub.add_parser("data", help="datasets: fetch CROHME, build a dictionary, check a data root")
+    data = sub.add_parser("data", help="datasets: fetch CROHME, render InkML, build a dictionary, check or show a "
+                                       "data root")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=argparse.ArgumentParser)
     dv = dsub.add_parser("vocab", help="token counts of a data root's captions, and a dictionary from them")
     dv.add_argument("root", help="data root (<split>/ folders or <split>.zip files)")
@@ -84,3 +123,24 @@ def add_parsers(sub) -> None:
     df.add_argument("--sha256", default=None, metavar="H", help="the archive's expected sha256")
     df.add_argument("--quiet", action="store_true", help="no progress bar")
     df.set_defaults(func=cmd_data_fetch)
+    dr = dsub.add_parser("render", help="render InkML files (CROHME truth, MathWriting normalizedLabel) to the "
+                                        "CROHME layout: caption.txt + <name>.bmp")
+    dr.add_argument("inkml_dir", help="a folder of .inkml files (one split), a folder of split folders, or a zip")
+    dr.add_argument("--out", required=True, metavar="DIR", help="where the split (or one folder per split) goes")
+    dr.add_argument("--jobs", type=int, default=None, metavar="N", help="processes (default: every CPU)")
+    dr.add_argument("--stroke-width", type=float, default=3.5, metavar="PX", help="default 3.5")
+    dr.add_argument("--symbol-height", type=float, default=32.0, metavar="PX",
+                    help="RMS height of the symbols (default 32)")
+    dr.add_argument("--margin", type=int, default=12, metavar="PX", help="default 12")
+    dr.add_argument("--quiet", action="store_true", help="no progress bar")
+    dr.set_defaults(func=cmd_data_render)
+    ds = dsub.add_parser("show", help="a contact sheet of a split's samples with captions, and histograms of "
+                                      "image sizes and caption lengths (needs the plots extra: matplotlib)")
+    ds.add_argument("root", help="data root (any data.format)")
+    ds.add_argument("--split", default=None, help="default: train, else the first split found")
+    ds.add_argument("--out", required=True, metavar="FILE", help="the image to write (.png, .pdf, .svg)")
+    ds.add_argument("--samples", "-n", type=int, default=16, metavar="N", help="samples shown (default 16)")
+    ds.add_argument("--columns", type=int, default=4, help="default 4")
+    ds.add_argument("--seed", type=int, default=0, help="which samples are picked (default 0)")
+    ds.add_argument("--format", default="auto", help="data.format of the root (default: detected)")
+    ds.set_defaults(func=cmd_data_show)
