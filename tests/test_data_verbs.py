@@ -149,6 +149,32 @@ def test_fetch_checksum_mismatch_leaves_nothing(tmp_path):
     assert _leftovers(tmp_path) == ["data.zip"]
 
 
+def test_default_url_is_checked_against_its_git_blob_id(tmp_path, monkeypatch):
+    import subprocess
+
+    import hmerzoo.data.fetch as fetch_module
+
+    _data_zip(tmp_path / "data.zip")
+    blob = fetch_module.git_blob_id(tmp_path / "data.zip")
+    try:  # the id git itself gives the file, where git is installed
+        out = subprocess.run(["git", "hash-object", str(tmp_path / "data.zip")], capture_output=True, text=True)
+        assert out.returncode != 0 or out.stdout.strip() == blob
+    except FileNotFoundError:
+        pass
+    assert fetch_module.CROHME_GIT_BLOB == "4f6b9856f8d9a26b885fe05a64546e2ff89ba253"  # CoMER's tree, ee15cdbe
+    url = (tmp_path / "data.zip").as_uri()
+    monkeypatch.setitem(fetch_module.DATASETS, "crohme", (url, None, "1" * 40))
+    with pytest.raises(DataError, match="git blob id .*expected 1111"):
+        fetch("crohme", to=tmp_path / "bad", progress=False)
+    assert _leftovers(tmp_path) == ["data.zip"]
+    monkeypatch.setitem(fetch_module.DATASETS, "crohme", (url, None, blob))
+    root, _, verified = fetch("crohme", to=tmp_path / "good", progress=False)
+    assert verified and (root / "train" / "caption.txt").is_file()
+    # another URL is not held to the default file's id
+    _, _, verified = fetch("crohme", to=tmp_path / "other", url=str(tmp_path / "data.zip"), progress=False)
+    assert not verified
+
+
 def test_fetch_bad_archive_and_missing_url_leave_nothing(tmp_path, capsys):
     (tmp_path / "page.html").write_text("<html>not found</html>")
     dest = tmp_path / "crohme"

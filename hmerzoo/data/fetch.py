@@ -23,11 +23,13 @@ from ..config import DICTIONARY_FILE, user_data_root
 from ..errors import DataError
 from .crohme import CAPTION_FILE, IMAGE_EXTENSIONS
 
-# CoMER's data.zip (Green-Wood/CoMER, the repository root). Its sha256 could not be computed here (no network when
-# this was written): CROHME_SHA256 must be filled in, and verified, once the archive has been downloaded; until
-# then a fetch prints the checksum it got and says it was not verified. --sha256 H checks against H.
+# CoMER's data.zip (Green-Wood/CoMER, the repository root on branch master). Its sha256 is not known here: the
+# archive itself could not be downloaded when this was written, so CROHME_SHA256 stays None. What is known is the
+# file's git blob id in that repository (from its tree at commit ee15cdbe): a download from the default URL is
+# checked against it (sha1 of "blob <size>\0" + the bytes, what `git hash-object` computes). --sha256 H checks H.
 CROHME_URL = "https://github.com/Green-Wood/CoMER/raw/master/data.zip"
 CROHME_SHA256: str | None = None
+CROHME_GIT_BLOB = "4f6b9856f8d9a26b885fe05a64546e2ff89ba253"
 
 # CoMER's dictionary.txt (comer/datamodule/dictionary.txt), in its order: the ids of CoMER-trained and converted
 # models follow it, so a fetched root gets this file and not one rebuilt from the captions (data.zip has none)
@@ -37,7 +39,8 @@ CROHME_DICTIONARY = (
     "\\limits \\log \\mu \\neq \\phi \\pi \\pm \\prime \\rightarrow \\sigma \\sin \\sqrt \\sum \\tan \\theta \\times "
     "\\{ \\} ] ^ _ a b c d e f g h i j k l m n o p q r s t u v w x y z { | }").split()
 
-DATASETS = {"crohme": (CROHME_URL, CROHME_SHA256)}
+# dataset -> (default URL, its sha256 or None, its git blob id or None)
+DATASETS = {"crohme": (CROHME_URL, CROHME_SHA256, CROHME_GIT_BLOB)}
 CHUNK = 1 << 16
 
 
@@ -73,6 +76,15 @@ def download(url: str, dest: Path, progress: bool = True, stream: IO[str] | None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise DataError(f"cannot download {url}: {reason}") from None
+    return digest.hexdigest()
+
+
+def git_blob_id(path: Path) -> str:
+    """The id git gives the file's contents (``git hash-object``): sha1 over ``blob <size>\\0`` and the bytes."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -131,12 +143,15 @@ def fetch(dataset: str = "crohme", to: str | os.PathLike | None = None, url: str
           sha256: str | None = None, progress: bool = True, stream: IO[str] | None = None) -> tuple[Path, str, bool]:
     """Download and unpack ``dataset`` to ``to`` (default: the user cache, ``$HMERZOO_HOME/datasets/crohme``).
 
-    Returns (the data root, the archive's sha256, whether it was checked against a known checksum)."""
+    Returns (the data root, the archive's sha256, whether it was checked against a known checksum: ``sha256``, the
+    dataset's sha256, or, for the default URL with no sha256 known, the file's git blob id)."""
     if dataset not in DATASETS:
         raise DataError(f"hmerzoo data fetch: unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
-    default_url, default_sha = DATASETS[dataset]
+    default_url, default_sha, default_blob = DATASETS[dataset]
     url = url or default_url
     expected = (sha256 or (default_sha if url == default_url else None) or "").lower() or None
+    # without a sha256, the default URL's file is checked against its git blob id
+    expected_blob = default_blob if expected is None and url == default_url else None
     if "://" not in url:  # a plain path
         url = Path(url).resolve().as_uri()
     dest = Path(to).expanduser() if to is not None else user_data_root()
@@ -157,6 +172,9 @@ def fetch(dataset: str = "crohme", to: str | os.PathLike | None = None, url: str
         if expected is not None and digest != expected:
             raise DataError(f"checksum mismatch for {url}: sha256 {digest}, expected {expected}; the download is "
                             "damaged or not the expected file, so nothing was kept")
+        if expected_blob is not None and (blob := git_blob_id(archive)) != expected_blob:
+            raise DataError(f"checksum mismatch for {url}: git blob id {blob}, expected {expected_blob} (the file "
+                            "in the CoMER repository); the download is damaged or not that file, so nothing was kept")
         stage = work / "root"
         stage.mkdir()
         unpack_archive(archive, stage)
@@ -172,7 +190,8 @@ def fetch(dataset: str = "crohme", to: str | os.PathLike | None = None, url: str
                     folder.rmdir()
                 except OSError:
                     break
-    return dest, digest, expected is not None
+    return dest, digest, expected is not None or expected_blob is not None
 
 
-__all__ = ["CROHME_DICTIONARY", "CROHME_SHA256", "CROHME_URL", "download", "fetch", "unpack_archive"]
+__all__ = ["CROHME_DICTIONARY", "CROHME_GIT_BLOB", "CROHME_SHA256", "CROHME_URL", "download", "fetch",
+           "git_blob_id", "unpack_archive"]
