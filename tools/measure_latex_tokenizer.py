@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1] / "data" / "crohme"))
     parser.add_argument("--split", default=None, help="caption split to compare with (default: from the folder)")
     parser.add_argument("--show", type=int, default=50, help="print at most this many differences")
+    parser.add_argument("--style", default="crohme", choices=["crohme", "wap"],
+                        help="token style: crohme (the 2016/2019 captions), wap (the train/2014 captions)")
     args = parser.parse_args(argv)
     split = args.split or Path(args.inkml_dir).name
     expected = captions(args.root, split)
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             no_caption += 1
             continue
         label = read_inkml(path).label or ""
-        got = tokenize(label)
+        got = tokenize(label, style=args.style)
         compared += 1
         if got == expected[name]:
             same += 1
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}\n  truth:    {label}\n  tokens:   {got}\n  caption:  {want}")
     missing = len(set(expected) - {p.stem for p in files})
     share = 100.0 * same / compared if compared else 0.0
-    print(f"split {split}: {same}/{compared} captions reproduced exactly ({share:.2f}%); {len(differ)} differ; "
+    print(f"split {split}, style {args.style}: {same}/{compared} captions reproduced exactly ({share:.2f}%); {len(differ)} differ; "
           f"{no_caption} InkML without a caption, {missing} captions without an InkML")
     return 0
 

@@ -80,7 +80,7 @@ def cmd_data_render(args: argparse.Namespace) -> int:
                         "holding them, or a zip of them)")
     for where, files, split_out in jobs:
         result = render_files(files, split_out, settings, jobs=args.jobs, progress=not args.quiet,
-                              label=f"render {Path(where).name}")
+                              label=f"render {Path(where).name}", style=args.style)
         note = f", {len(result.skipped)} skipped (listed in {split_out / 'skipped.txt'})" if result.skipped else ""
         print(f"{where}: wrote {result.rendered} images and caption.txt to {split_out}{note}")
     return 0
@@ -132,6 +132,9 @@ def add_parsers(sub) -> None:
     dr.add_argument("--symbol-height", type=float, default=32.0, metavar="PX",
                     help="RMS height of the symbols (default 32)")
     dr.add_argument("--margin", type=int, default=12, metavar="PX", help="default 12")
+    dr.add_argument("--style", choices=["crohme", "wap"], default="crohme",
+                    help="caption tokens as the CROHME 2016/2019 captions (default) or as WAP's train/2014 ones "
+                         "(every \\frac argument braced, no \\limits; docs/data.md)")
     dr.add_argument("--quiet", action="store_true", help="no progress bar")
     dr.set_defaults(func=cmd_data_render)
     ds = dsub.add_parser("show", help="a contact sheet of a split's samples with captions, and histograms of "

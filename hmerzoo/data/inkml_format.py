@@ -142,12 +142,12 @@ class RenderResult:
     skipped: list[str] = field(default_factory=list)  # "<file>: <why>"
 
 
-def _render_one(job: tuple[InkmlFile, RenderSettings, str]) -> tuple[str, str | None, str | None]:
+def _render_one(job: tuple[InkmlFile, RenderSettings, str, str]) -> tuple[str, str | None, str | None]:
     """(name, caption or None, why it was skipped or None); the image is written beside the caption file."""
-    item, settings, out_dir = job
+    item, settings, out_dir, style = job
     try:
         ink = parse_inkml(item.read(), item.where)
-        tokens = tokenize(ink.label or "")
+        tokens = tokenize(ink.label or "", style=style)
         if not tokens:
             return item.name, None, f"{item.where}: no label (no truth / normalizedLabel annotation)"
         image = render(ink, settings)
@@ -158,8 +158,10 @@ def _render_one(job: tuple[InkmlFile, RenderSettings, str]) -> tuple[str, str | 
 
 
 def render_files(files: list[InkmlFile], out: str | os.PathLike, settings: RenderSettings = RenderSettings(),
-                 jobs: int | None = None, progress: bool = True, label: str = "render") -> RenderResult:
-    """Renders InkML files to ``out`` in the CROHME layout (``caption.txt`` sorted by name, ``<name>.bmp``).
+                 jobs: int | None = None, progress: bool = True, label: str = "render",
+                 style: str = "crohme") -> RenderResult:
+    """Renders InkML files to ``out`` in the CROHME layout (``caption.txt`` sorted by name, ``<name>.bmp``),
+    the labels tokenised in ``style`` (:func:`~.latex.tokenize`: ``crohme`` or ``wap``).
 
     Everything is written to a temporary folder beside ``out`` and renamed at the end, so an interrupted render
     leaves no half-filled split behind. ``out`` must not exist yet.
@@ -174,7 +176,7 @@ def render_files(files: list[InkmlFile], out: str | os.PathLike, settings: Rende
     result = RenderResult(out)
     captions: dict[str, str] = {}
     try:
-        jobs_list = [(f, settings, str(tmp)) for f in files]
+        jobs_list = [(f, settings, str(tmp), style) for f in files]
         workers = max(1, min(jobs or os.cpu_count() or 1, len(files) or 1))
         for name, caption, skipped in _run(jobs_list, workers, progress, label):
             if caption is None:
@@ -226,9 +228,10 @@ def render_cache_root() -> Path:
     return Path(home).expanduser() / "rendered"
 
 
-def cache_dir(root: str | os.PathLike, split: str, files: list[InkmlFile], settings: RenderSettings) -> Path:
-    """Where a split's rendering is cached: one folder per (files, settings, renderer version)."""
-    digest = hashlib.sha256(f"v{RENDER_VERSION}\n{Path(root).expanduser().resolve()}\n{split}\n".encode())
+def cache_dir(root: str | os.PathLike, split: str, files: list[InkmlFile], settings: RenderSettings,
+              style: str = "crohme") -> Path:
+    """Where a split's rendering is cached: one folder per (files, settings, token style, renderer version)."""
+    digest = hashlib.sha256(f"v{RENDER_VERSION}\n{Path(root).expanduser().resolve()}\n{split}\n{style}\n".encode())
     for f in files:
         digest.update(f.fingerprint().encode() + b"\n")
     safe_split = "".join(c if c.isalnum() or c in "-_." else "_" for c in split)
@@ -240,17 +243,20 @@ class InkmlDataset(CrohmeDataset):
     """One split of InkML files, read from its rendered cache (rendered on first use)."""
 
     render_settings = RenderSettings()
+    # "crohme": tokens as the 2016/2019 captions; "wap": as the train/2014 captions (hmerzoo.data.latex.tokenize)
+    latex_style = "crohme"
     render_jobs: int | None = None  # None: every CPU
     render_progress = True
 
     @classmethod
     def open_source(cls, root: str | os.PathLike | None, split: str) -> tuple[SplitSource, str]:
         files = split_files(root, split)
-        out = cache_dir(root, split, files, cls.render_settings)
+        out = cache_dir(root, split, files, cls.render_settings, cls.latex_style)
         if not (out / CAPTION_FILE).is_file():
             try:
                 render_files(files, out, cls.render_settings, jobs=cls.render_jobs,
-                             progress=cls.render_progress and sys.stderr.isatty(), label=f"render {split}")
+                             progress=cls.render_progress and sys.stderr.isatty(), label=f"render {split}",
+                             style=cls.latex_style)
             except DataError:
                 if not (out / CAPTION_FILE).is_file():  # another process may have rendered it meanwhile
                     raise

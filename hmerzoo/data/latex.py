@@ -153,9 +153,69 @@ def _brace_scripts(tokens: list[str]) -> list[str]:
     return out
 
 
-def tokenize(latex: str) -> list[str]:
-    """Raw LaTeX -> caption tokens (see the module docstring for the conventions)."""
-    return _brace_scripts(_normalise(_unwrap(lex(latex))))
+STYLES = ("crohme", "wap")
+
+
+def tokenize(latex: str, style: str = "crohme") -> list[str]:
+    """Raw LaTeX -> caption tokens (see the module docstring for the conventions).
+
+    ``style="wap"`` normalises further, as WAP's captions (the shipped ``train`` and ``2014``) do: every
+    ``\\frac``/``\\sqrt`` argument braced, braces that group nothing removed, ``_`` before ``^``, no ``\\limits``.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown LaTeX token style '{style}' (known: {', '.join(STYLES)})")
+    tokens = _brace_scripts(_normalise(_unwrap(lex(latex))))
+    return wap_style(tokens) if style == "wap" else tokens
+
+
+def wap_style(tokens: Sequence[str]) -> list[str]:
+    """Tokens in WAP's normal form: ``\\frac h 2`` -> ``\\frac { h } { 2 }``, ``{ v _ { 1 } } ^ { 2 }`` ->
+    ``v _ { 1 } ^ { 2 }``, ``x ^ { 2 } _ { 3 }`` -> ``x _ { 3 } ^ { 2 }``, ``\\sum \\limits`` -> ``\\sum``."""
+    tokens = [t for t in tokens if t != "\\limits"]
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        part, i = _wap_items(tokens, i)
+        out.extend(part)
+        i += 1  # a stray "}" (or "]") at the top level is dropped
+    return out
+
+
+def _wap_items(tokens: Sequence[str], i: int, stop: str = "}") -> tuple[list[str], int]:
+    out: list[str] = []
+    while i < len(tokens) and tokens[i] not in ("}", stop):
+        if tokens[i] in SCRIPTS:
+            base: list[str] = []  # a script with no base
+        else:
+            base, i = _wap_atom(tokens, i, as_base=True)
+        scripts: dict[str, list[str]] = {}
+        while i < len(tokens) and tokens[i] in SCRIPTS and tokens[i] not in scripts:
+            scripts[tokens[i]], i = _wap_atom(tokens, i + 1, as_base=False)
+        out.extend(base)
+        for script in ("_", "^"):
+            if script in scripts:
+                out.extend((script, "{", *scripts[script], "}"))
+    return out, i
+
+
+def _wap_atom(tokens: Sequence[str], i: int, as_base: bool) -> tuple[list[str], int]:
+    """An atom's tokens; a group is returned without its braces (an argument's caller adds them back)."""
+    if i >= len(tokens) or tokens[i] in ("}",) + SCRIPTS:
+        return [], i
+    token = tokens[i]
+    if token == "{":
+        inner, j = _wap_items(tokens, i + 1)
+        j += j < len(tokens)
+        return (inner or ["{", "}"]) if as_base else inner, j
+    out, i = [token], i + 1
+    if token == "\\sqrt" and i < len(tokens) and tokens[i] == "[":
+        inner, i = _wap_items(tokens, i + 1, stop="]")
+        out.extend(("[", *inner, "]"))
+        i += i < len(tokens)
+    for _ in range(ARITY.get(token, 0)):
+        argument, i = _wap_atom(tokens, i, as_base=False)
+        out.extend(("{", *argument, "}"))
+    return out, i
 
 
 def is_tokenized(caption: str) -> bool:
