@@ -169,3 +169,21 @@ def test_missing_split_names_the_splits_found(tmp_path):
 def test_an_inkml_zip_is_not_taken_for_a_crohme_split(tmp_path):
     root = write_root(tmp_path / "ink", zipped=True)  # test.zip holds InkML
     assert detect_format(root) == "inkml"
+
+
+def test_read_label_stops_before_the_strokes_and_agrees_with_the_parser():
+    from hmerzoo.data.inkml import read_label
+
+    for text in (crohme_inkml(X_TRUTH, X_STROKES, ["x", "x", "2"]), mathwriting_inkml("a+b", [[(0, 0), (1, 1)]])):
+        assert read_label(text.encode()) == parse_inkml(text.encode()).label
+    # a symbol's truth is not the expression's
+    assert read_label(crohme_inkml("", X_STROKES, ["x", "x", "2"]).encode()) is None
+
+
+def test_vocabulary_of_an_inkml_root_is_read_without_rendering(tmp_path):
+    from hmerzoo.data.check import labels_vocabulary
+
+    root = write_root(tmp_path / "ink")
+    vocab = labels_vocabulary({"data": {"root": str(root)}})
+    assert vocab.tokens == ["<pad>", "<sos>", "<eos>", "2", "\\frac", "^", "a", "b", "x", "{", "}"]
+    assert not (tmp_path / "home" / "rendered").exists()

@@ -19,6 +19,7 @@ from ..vocab import DEFAULT_SPECIALS, Vocabulary
 from .crohme import CAPTION_FILE, IMAGE_EXTENSIONS, SplitSource
 from .formats import detect_format, open_format_split, splits_of
 from .images import read_image_bytes
+from .inkml_format import InkmlDataset, label_counts
 
 
 @dataclasses.dataclass
@@ -94,7 +95,9 @@ def labels_vocabulary(recipe: dict) -> Vocabulary | None:
         return None
     specials = vocab_cfg.get("specials")
     specials = list(DEFAULT_SPECIALS if specials is None else specials)
-    tokens = [t for t in sorted(token_counts(root, format=fmt)) if t not in specials]
+    # InkML labels are read without rendering every split (MathWriting's synthetic split alone is 400k files)
+    counts = label_counts(root, InkmlDataset.latex_style) if fmt == "inkml" else token_counts(root, format=fmt)
+    tokens = [t for t in sorted(counts) if t not in specials]
     return Vocabulary(specials + tokens, roles=vocab_cfg.get("roles"))
 
 

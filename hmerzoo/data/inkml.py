@@ -104,6 +104,26 @@ def parse_inkml(data: bytes, where: str = "<inkml>") -> Ink:
     return Ink(strokes=strokes, label=label, symbols=symbols)
 
 
+def read_label(data: bytes, where: str = "<inkml>") -> str | None:
+    """Only the expression's label: the file is read up to its first trace (labels come first), not drawn."""
+    labels: dict[str, str] = {}
+    depth = 0
+    try:
+        for event, element in ET.iterparse(io.BytesIO(data), events=("start", "end")):
+            if event == "start":
+                depth += 1
+                continue
+            depth -= 1
+            tag, kind = _local(element.tag), element.get("type")
+            if tag == "trace":
+                break
+            if tag == "annotation" and depth == 1 and kind in LABEL_TYPES and kind not in labels:
+                labels[kind] = (element.text or "").strip()
+    except ET.ParseError as e:
+        raise DataError(f"{where}: not valid InkML/XML ({e})") from None
+    return next((labels[k] for k in LABEL_TYPES if labels.get(k)), None)
+
+
 def read_inkml(path: str | Path) -> Ink:
     try:
         data = Path(path).read_bytes()

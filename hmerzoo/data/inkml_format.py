@@ -23,7 +23,7 @@ from ..config import HOME_ENV
 from ..errors import DataError
 from ..registry import DATASETS
 from .crohme import CAPTION_FILE, CrohmeDataset, DirSource, SplitSource
-from .inkml import RenderSettings, encode_bmp, parse_inkml, render
+from .inkml import RenderSettings, encode_bmp, parse_inkml, read_label, render
 from .latex import tokenize
 
 INKML_SUFFIX = ".inkml"
@@ -132,6 +132,20 @@ def split_files(root: str | os.PathLike | None, split: str) -> list[InkmlFile]:
         raise DataError(f"data root '{root}': no InkML split '{split}' (looked for {folder}/*{INKML_SUFFIX} and "
                         f"{zip_path}); InkML splits there: {found}. A" + INKML_HELP[1:])
     return files
+
+
+def label_counts(root: str | os.PathLike, style: str = "crohme") -> dict[str, int]:
+    """Token counts of every split's labels, read without rendering anything (for a vocabulary)."""
+    counts: dict[str, int] = {}
+    for split in inkml_splits(root):
+        for item in split_files(root, split):
+            try:
+                label = read_label(item.read(), item.where)
+            except (OSError, zipfile.BadZipFile) as e:
+                raise DataError(f"{item.where}: cannot read it ({e})") from None
+            for token in tokenize(label or "", style=style):
+                counts[token] = counts.get(token, 0) + 1
+    return counts
 
 
 # --- rendering ------------------------------------------------------------------------------------------------
