@@ -187,3 +187,28 @@ def test_vocabulary_of_an_inkml_root_is_read_without_rendering(tmp_path):
     vocab = labels_vocabulary({"data": {"root": str(root)}})
     assert vocab.tokens == ["<pad>", "<sos>", "<eos>", "2", "\\frac", "^", "a", "b", "x", "{", "}"]
     assert not (tmp_path / "home" / "rendered").exists()
+
+
+def test_a_render_finished_first_elsewhere_is_used(tmp_path, monkeypatch):
+    # two processes (DDP ranks) rendering the same split: the one that finishes second keeps the first's cache
+    import hmerzoo.data.inkml_format as fmt
+
+    root = write_root(tmp_path / "ink", n=1)
+    files = split_files(root, "train")
+    out = cache_dir(root, "train", files, RenderSettings())
+    real_replace = fmt.os.replace
+
+    def replace_after_another_rank(src, dst):
+        monkeypatch.setattr(fmt.os, "replace", real_replace)  # the other rank renames as usual
+        render_files(files, dst, jobs=1, progress=False)  # ... and wins the race
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fmt.os, "replace", replace_after_another_rank)
+    with pytest.raises(DataError, match="exists already"):
+        render_files(files, tmp_path / "other", jobs=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ink", "other"]  # no temporary folder left
+    monkeypatch.setattr(fmt.os, "replace", replace_after_another_rank)
+    monkeypatch.setattr(InkmlDataset, "render_jobs", 1)
+    vocab = Vocabulary(["<pad>", "<sos>", "<eos>", "x", "^", "{", "}", "2"])
+    assert len(InkmlDataset(root, "train", vocab)) == 1
+    assert [p.name for p in out.parent.iterdir()] == [out.name]

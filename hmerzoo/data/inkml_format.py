@@ -200,7 +200,12 @@ def render_files(files: list[InkmlFile], out: str | os.PathLike, settings: Rende
         (tmp / CAPTION_FILE).write_text("".join(f"{n}\t{captions[n]}\n" for n in sorted(captions)), encoding="utf-8")
         if result.skipped:
             (tmp / SKIPPED_FILE).write_text("".join(f"{s}\n" for s in result.skipped), encoding="utf-8")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if out.is_dir():  # another process (a DDP rank) finished the same render first
+                raise DataError(f"{out} exists already; remove it or write elsewhere") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

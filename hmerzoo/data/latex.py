@@ -13,6 +13,8 @@ The conventions, learnt from the captions (``tools/measure_latex_tokenizer.py`` 
 - ``\\limits`` is kept; spacing (``\\,`` ``\\;`` ``\\quad`` ``~`` ...), sizing (``\\big``, ``\\displaystyle``)
   and font wrappers (``\\mathrm{..}``, ``\\mbox{..}``, ``\\text{..}``: the wrapper and its braces) are dropped;
 - synonyms become the captions' spelling (``\\le`` -> ``\\leq``, ``\\to`` -> ``\\rightarrow``, ``\\lt`` -> ``<``).
+
+``tokenize(latex, style="wap")`` normalises further, as WAP's ``train``/``2014`` captions do (:func:`wap_style`).
 """
 from __future__ import annotations
 
@@ -40,8 +42,7 @@ SYNONYMS = {
     "\\geqslant": "\\geq", "\\ne": "\\neq", "\\to": "\\rightarrow", "\\dots": "\\ldots", "\\dotsc": "\\ldots",
     "\\dotsb": "\\cdots", "\\cdotp": "\\cdot", "\\lbrace": "\\{", "\\rbrace": "\\}", "\\lbrack": "[",
     "\\rbrack": "]", "\\vert": "|", "\\mid": "|", "\\lvert": "|", "\\rvert": "|", "\\dfrac": "\\frac",
-    "\\tfrac": "\\frac", "\\lparen": "(", "\\rparen": ")", "\\varpi": "\\pi", "\\vartheta": "\\theta",
-    "\\varphi": "\\phi", "\\varsigma": "\\sigma", "\\epsilon": "\\epsilon", "\\rightarrow": "\\rightarrow",
+    "\\tfrac": "\\frac", "\\lparen": "(", "\\rparen": ")", "\\vartheta": "\\theta", "\\varphi": "\\phi",
     # characters a label may carry instead of their command
     "\u00d7": "\\times", "\u00f7": "\\div", "\u2212": "-", "\u2264": "\\leq", "\u2265": "\\geq", "\u2260": "\\neq",
     "\u00b1": "\\pm", "\u221e": "\\infty", "\u2192": "\\rightarrow", "\u03c0": "\\pi", "\u03b1": "\\alpha",
