@@ -212,3 +212,13 @@ def test_a_render_finished_first_elsewhere_is_used(tmp_path, monkeypatch):
     vocab = Vocabulary(["<pad>", "<sos>", "<eos>", "x", "^", "{", "}", "2"])
     assert len(InkmlDataset(root, "train", vocab)) == 1
     assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_vocab_verb_on_an_inkml_root_renders_nothing(tmp_path, capsys):
+    from hmerzoo.cli import main
+
+    root = write_root(tmp_path / "ink")
+    assert main(["data", "vocab", str(root), "--split", "train", "--out", str(tmp_path / "d.txt")]) == 0
+    assert (tmp_path / "d.txt").read_text().split() == ["2", "^", "x", "{", "}"]
+    assert "5 tokens, 15 occurrences" in capsys.readouterr().out
+    assert not (tmp_path / "home" / "rendered").exists()

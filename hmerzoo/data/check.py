@@ -62,7 +62,10 @@ def token_counts(root: str | os.PathLike, splits: list[str] | None = None,
                  format: str = "auto") -> collections.Counter:
     """How often each caption token occurs over the given splits (default: all of them)."""
     counts: collections.Counter = collections.Counter()
-    for split in _splits(root, splits, format):
+    chosen = _splits(root, splits, format)
+    if (format if format != "auto" else detect_format(root)) == "inkml":  # labels only: nothing is rendered
+        return collections.Counter(label_counts(root, InkmlDataset.latex_style, chosen))
+    for split in chosen:
         source, where = open_format_split(root, split, format)
         for line in caption_lines(source, where, split):
             counts.update(line.tokens)
@@ -95,9 +98,8 @@ def labels_vocabulary(recipe: dict) -> Vocabulary | None:
         return None
     specials = vocab_cfg.get("specials")
     specials = list(DEFAULT_SPECIALS if specials is None else specials)
-    # InkML labels are read without rendering every split (MathWriting's synthetic split alone is 400k files)
-    counts = label_counts(root, InkmlDataset.latex_style) if fmt == "inkml" else token_counts(root, format=fmt)
-    tokens = [t for t in sorted(counts) if t not in specials]
+    # (InkML labels are read without rendering: MathWriting's synthetic split alone is 400k files)
+    tokens = [t for t in sorted(token_counts(root, format=fmt)) if t not in specials]
     return Vocabulary(specials + tokens, roles=vocab_cfg.get("roles"))
 
 

@@ -134,10 +134,10 @@ def split_files(root: str | os.PathLike | None, split: str) -> list[InkmlFile]:
     return files
 
 
-def label_counts(root: str | os.PathLike, style: str = "crohme") -> dict[str, int]:
-    """Token counts of every split's labels, read without rendering anything (for a vocabulary)."""
+def label_counts(root: str | os.PathLike, style: str = "crohme", splits: list[str] | None = None) -> dict[str, int]:
+    """Token counts of the splits' labels (default: every split), read without rendering anything."""
     counts: dict[str, int] = {}
-    for split in inkml_splits(root):
+    for split in splits or inkml_splits(root):
         for item in split_files(root, split):
             try:
                 label = read_label(item.read(), item.where)
