@@ -61,7 +61,8 @@ class TrainerSetup:
         # validate=False: train() validated the recipe once already
         from ..data.check import labels_vocabulary  # roots without a dictionary: the vocabulary of their labels
 
-        self.model = build_model(recipe, validate=False, vocab=labels_vocabulary(recipe)).to(self.device)  # the same initial weights on every rank (same seed)
+        # the same initial weights on every rank (same seed)
+        self.model = build_model(recipe, validate=False, vocab=labels_vocabulary(recipe)).to(self.device)
         # train.ema_decay: the EMA copy (made before compiling, so it stays a plain eager model)
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         if cfg.compile:
