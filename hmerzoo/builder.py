@@ -56,12 +56,13 @@ def vocab_from_recipe(recipe: dict) -> Vocabulary:
     # $HMERZOO_DATA, the checkout's data/crohme, the user cache)
     dictionary = resolve_dictionary(vcfg.get("dictionary"), (recipe.get("data") or {}).get("root"))
     if vcfg.get("dictionary") is None and not os.path.isfile(dictionary):
-        # HME100K and folder roots ship no dictionary.txt; the vocabulary is not guessed from the labels here
-        # (a model's token ids must not depend on which splits happened to be read), it is written once
+        # HME100K, folder and InkML roots ship no dictionary.txt. Training reads one off all the labels (sorted,
+        # so the ids do not depend on which splits were read) and passes it as `vocab`; a direct build does not
+        # guess it
         root = os.path.dirname(dictionary)
         raise DataError(f"vocab.dictionary: not set, and the data root has no {os.path.basename(dictionary)} "
                         f"({dictionary}); write one from the captions with `hmerzoo data vocab {root} --out "
-                        f"{dictionary}`, or set vocab.dictionary=FILE")
+                        f"{dictionary}`, or set vocab.dictionary=FILE (hmerzoo train reads it from the labels of such roots by itself)")
     specials = vcfg.get("specials")
     if specials is None:  # an empty list is meaningful: the dictionary lists its special tokens itself (ABM)
         specials = ["<pad>", "<sos>", "<eos>"]
