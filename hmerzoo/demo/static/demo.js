@@ -53,9 +53,11 @@
     }
   }
 
+  // Canvas pixels of a pointer position: inside the border (clientLeft/Top), scaled from the CSS size.
   function canvasPoint(e) {
     const r = pad.getBoundingClientRect();
-    return [(e.clientX - r.left) * pad.width / r.width, (e.clientY - r.top) * pad.height / r.height];
+    return [(e.clientX - r.left - pad.clientLeft) * pad.width / pad.clientWidth,
+            (e.clientY - r.top - pad.clientTop) * pad.height / pad.clientHeight];
   }
 
   pad.addEventListener("pointerdown", (e) => {
