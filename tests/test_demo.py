@@ -244,7 +244,13 @@ def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, f
     rec = model.recognize(drawn, **DECODE)[0]
     assert_same_as_api(answer, rec)
 
-    # the canvas reproduces the fixture: the ink of the sent PNG, cut to its bounding box, matches the image's
+    # the page crops as CROHME does (12 pixels of border before the ink, 11 after), and the canvas reproduces the
+    # fixture: the ink of the sent PNG, cut to its bounding box, matches the image's
+    sent_gray = np.asarray(drawn.convert("L"))
+    ink_rows, ink_cols = np.nonzero((sent_gray < 128).any(axis=1))[0], np.nonzero((sent_gray < 128).any(axis=0))[0]
+    assert (ink_rows[0], ink_cols[0], sent_gray.shape[0] - 1 - ink_rows[-1], sent_gray.shape[1] - 1 - ink_cols[-1]) \
+        == (12, 12, 11, 11)
+    print("sent", drawn.size, "fixture", gray.shape[::-1], "latex", rec.latex)
     def tight(mask: np.ndarray) -> np.ndarray:
         ys, xs = np.nonzero(mask)
         return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]

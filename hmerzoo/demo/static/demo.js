@@ -6,7 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const pad = $("pad");
   const ctx = pad.getContext("2d");
-  const MARGIN = 12; // white border kept around the ink when the drawing is cropped for the model
+  const MARGIN_BEFORE = 12, MARGIN_AFTER = 11; // the border around the ink of every CROHME image
   const AUTO_DELAY_MS = 900;
 
   // What tests and curious people can read: the state of the last request, its answer and the bytes sent.
@@ -94,28 +94,37 @@
   $("clear").addEventListener("click", () => { strokes = []; clearTimeout(autoTimer); redraw(); });
   $("undo").addEventListener("click", () => { strokes.pop(); redraw(); });
 
-  // The ink's bounding box (plus MARGIN) on white, as PNG: the model reads tightly cropped formulas.
+  // The drawing as the model's training images look: the ink's bounding box (pixels darker than mid-grey) with
+  // CROHME's border of 12 pixels left and top, 11 right and bottom, on white, as PNG.
   function drawingBlob() {
-    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-    for (const s of strokes) {
-      for (const [x, y] of s.points) {
-        x0 = Math.min(x0, x - s.width / 2); y0 = Math.min(y0, y - s.width / 2);
-        x1 = Math.max(x1, x + s.width / 2); y1 = Math.max(y1, y + s.width / 2);
+    const { data, width, height } = ctx.getImageData(0, 0, pad.width, pad.height);
+    let x0 = width, y0 = height, x1 = -1, y1 = -1;
+    for (let y = 0; y < height; y++) {
+      for (let x = 0; x < width; x++) {
+        if (data[4 * (y * width + x)] < 128) {
+          if (x < x0) x0 = x;
+          if (x > x1) x1 = x;
+          if (y < y0) y0 = y;
+          if (y > y1) y1 = y;
+        }
       }
     }
-    x0 = Math.max(0, Math.floor(x0) - MARGIN); y0 = Math.max(0, Math.floor(y0) - MARGIN);
-    x1 = Math.min(pad.width, Math.ceil(x1) + MARGIN); y1 = Math.min(pad.height, Math.ceil(y1) + MARGIN);
+    if (x1 < 0) return Promise.resolve(null); // only faint strokes: nothing a model would see as ink
     const out = document.createElement("canvas");
-    out.width = x1 - x0;
-    out.height = y1 - y0;
-    out.getContext("2d").drawImage(pad, x0, y0, out.width, out.height, 0, 0, out.width, out.height);
+    out.width = x1 - x0 + 1 + MARGIN_BEFORE + MARGIN_AFTER;
+    out.height = y1 - y0 + 1 + MARGIN_BEFORE + MARGIN_AFTER;
+    const octx = out.getContext("2d");
+    octx.fillStyle = "#fff";
+    octx.fillRect(0, 0, out.width, out.height);
+    octx.drawImage(pad, x0, y0, x1 - x0 + 1, y1 - y0 + 1, MARGIN_BEFORE, MARGIN_BEFORE, x1 - x0 + 1, y1 - y0 + 1);
     return new Promise((resolve) => out.toBlob(resolve, "image/png"));
   }
 
   async function recognizeDrawing() {
     clearTimeout(autoTimer);
-    if (!strokes.length) return showError("nothing to recognise: write a formula on the canvas first");
-    submit(await drawingBlob());
+    const blob = strokes.length ? await drawingBlob() : null;
+    if (!blob) return showError("nothing to recognise: write a formula on the canvas first");
+    submit(blob);
   }
   $("recognize").addEventListener("click", recognizeDrawing);
 
