@@ -111,6 +111,21 @@ def test_cli_parses_demo():
     assert (args.model, args.host, args.port, args.beam) == ("runs/x", "127.0.0.1", 0, 3)
 
 
+def test_a_port_in_use_fails_before_the_model_is_loaded(tmp_path):
+    import socket
+
+    from hmerzoo.demo import run_demo
+    from hmerzoo.errors import HmerzooError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the model path does not exist: the port's error comes first
+        with pytest.raises(HmerzooError, match=f"cannot serve on 127.0.0.1:{port}.*another --port"):
+            run_demo(str(tmp_path / "no-model"), port=port)
+
+
 def test_page_and_every_asset_it_names_are_served_by_the_package(server):
     status, page, kind = get(server, "/")
     assert status == 200 and kind.startswith("text/html")

@@ -150,11 +150,16 @@ def run_demo(model_path: str, host: str = "127.0.0.1", port: int = 7860, device:
     from ..builder import load_model
     from ..predict import resolve_device
 
-    model = load_model(model_path, map_location=resolve_device(device))
-    try:
-        server = make_server(model, host, port, decode=decode, name=str(model_path))
+    try:  # the address first: a port in use fails before the model is loaded
+        server = DemoServer((host, port), None)  # type: ignore[arg-type]
     except OSError as e:
         raise HmerzooError(f"cannot serve on {host}:{port} ({e.strerror or e}); try another --port") from None
+    try:
+        model = load_model(model_path, map_location=resolve_device(device))
+        server.service = DemoService(model, decode, name=str(model_path))
+    except BaseException:
+        server.server_close()
+        raise
     print(f"hmerzoo demo: {server.url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
