@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cdp import Browser, find_chromium
 from conftest import shared_dir
 from hmerzoo.cli import build_parser
+from hmerzoo.data.images import prepare_image, size_ranges_for_recipe
 from hmerzoo.demo import make_server
 from hmerzoo.demo.server import STATIC_DIR
 from hmerzoo.demo.service import MAX_UPLOAD_BYTES
@@ -168,6 +170,10 @@ def test_bad_uploads_are_refused_with_a_reason_and_the_server_keeps_serving(serv
     assert answer["input_sha256"] == hashlib.sha256(data).hexdigest()
     assert answer["size"] == [105, 69]
     assert answer["attention"] is None  # no attention strip hook set
+    # the picture of what the model read is the prepared image, as predict prepares it
+    read = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["model_input"].split(",", 1)[1]))))
+    prepared = prepare_image(str(fixture_image), **size_ranges_for_recipe(server.service.model.recipe))
+    assert np.array_equal(read, (prepared[0] * 255).round().to(torch.uint8).numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------------

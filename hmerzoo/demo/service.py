@@ -77,6 +77,12 @@ def open_upload(data: bytes) -> Image.Image:
     return img
 
 
+def _png_data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 class DemoService:
     """One loaded model and its decode settings; :meth:`recognize_bytes` answers one request.
 
@@ -101,7 +107,8 @@ class DemoService:
     def recognize_bytes(self, data: bytes, top_k: int | None = None) -> dict[str, Any]:
         """The JSON answer for one encoded image: ``latex``, ``tokens``, ``score``, ``hypotheses`` (best first,
         each ``{latex, score, direction}``, one per distinct LaTeX), ``attention`` (a PNG data: URL or null),
-        ``input_sha256`` (of the bytes received) and ``size`` (of the image as received)."""
+        ``input_sha256`` (of the bytes received), ``size`` (of the image as received) and ``model_input`` (the
+        prepared image the model read, a PNG data: URL)."""
         img = open_upload(data)
         size = list(img.size)
         try:
@@ -113,11 +120,14 @@ class DemoService:
             rec = self.model.recognize([image.to(device)], **self.decode)[0]
             attention = self.attention(self.model, image, rec) if self.attention is not None else None
         k = max(1, min(int(top_k or self.decode["beam_size"]), MAX_TOP_K))
+        # what the model read, shown on the page: white ink on black, rescaled into the model's size range
+        seen = Image.fromarray((image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
         return {
             "latex": rec.latex, "tokens": [int(t) for t in rec.tokens], "score": float(rec.score),
             "hypotheses": self._hypotheses(rec, k),
             "attention": "data:image/png;base64," + base64.b64encode(attention).decode() if attention else None,
             "input_sha256": hashlib.sha256(data).hexdigest(), "size": size,
+            "model_input": _png_data_url(seen),
         }
 
     def _hypotheses(self, rec: Any, k: int) -> list[dict[str, Any]]:

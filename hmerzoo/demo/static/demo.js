@@ -188,6 +188,7 @@
     $("status").textContent = "";
     $("error").textContent = message;
     $("error").hidden = false;
+    $("result").hidden = true; // an earlier answer would read as the answer to this request
   }
 
   function renderMath(latex, element, display) {
@@ -205,7 +206,7 @@
     $("result").hidden = false;
     renderMath(r.latex, $("math"), true);
     $("latex").textContent = r.latex;
-    $("sent").src = demo.lastUpload;
+    $("sent").src = r.model_input;
     const body = $("hypotheses").tBodies[0];
     body.replaceChildren();
     r.hypotheses.forEach((h, i) => {
