@@ -237,7 +237,7 @@ def click(page, element_id: str) -> None:
                     for t, b in (("mousePressed", 1), ("mouseReleased", 0))])
 
 
-def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, fixture_image):
+def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, fixture_image, reference):
     gray = np.asarray(Image.open(fixture_image).convert("L"))
     runs = ink_runs(gray)
     assert len(runs) > 100
@@ -248,13 +248,22 @@ def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, f
     assert width == 800  # one CSS pixel per canvas pixel: the strokes land where the image's ink is
     ox, oy = CANVAS_OFFSET
     events = []
-    for y, x0, x1 in runs:  # one stroke per run, through the page's pointer handlers (a real mouse's events)
-        cy = top + oy + y + 0.5
-        for kind, x, buttons in (("mousePressed", x0, 1), ("mouseMoved", x1, 1), ("mouseReleased", x1, 0)):
-            events.append(("Input.dispatchMouseEvent", {"type": kind, "x": left + ox + x + 0.5, "y": cy,
-                                                        "button": "left", "buttons": buttons, "clickCount": 1}))
+    for i, (y, x0, x1) in enumerate(runs):  # one stroke per run, through the page's pointer handlers
+        cy, ax, bx = top + oy + y + 0.5, left + ox + x0 + 0.5, left + ox + x1 + 0.5
+        device = ("mouse", "pen", "touch")[i % 3]  # the input devices a person writes with, taking turns
+        if device == "touch":
+            for kind, points in (("touchStart", [{"x": ax, "y": cy}]), ("touchMove", [{"x": bx, "y": cy}]),
+                                 ("touchEnd", [])):
+                events.append(("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points}))
+            continue
+        for kind, x, buttons in (("mousePressed", ax, 1), ("mouseMoved", bx, 1), ("mouseReleased", bx, 0)):
+            events.append(("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": cy, "button": "left",
+                                                        "buttons": buttons, "clickCount": 1, "pointerType": device}))
+    page.evaluate("window.pointerTypes = new Set(); document.getElementById('pad').addEventListener("
+                  "'pointerdown', (e) => pointerTypes.add(e.pointerType))")
     page.call_many(events)
     assert page.evaluate("hmerzooDemo.requests") == 0
+    assert sorted(page.evaluate("[...pointerTypes]")) == ["mouse", "pen", "touch"]
     click(page, "recognize")
     answer = wait_answer(page)
 
@@ -265,22 +274,19 @@ def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, f
     rec = model.recognize(drawn, **DECODE)[0]
     assert_same_as_api(answer, rec)
 
-    # the page crops as CROHME does (12 pixels of border before the ink, 11 after), and the canvas reproduces the
-    # fixture: the ink of the sent PNG, cut to its bounding box, matches the image's
+    # the page crops and binarises as CROHME's images are (12 pixels of border before the ink, 11 after, black and
+    # white), so retracing the fixture's rows reproduces the fixture but for a few pixels at the ends of the runs
     sent_gray = np.asarray(drawn.convert("L"))
+    assert set(np.unique(sent_gray)) <= {0, 255}
     ink_rows, ink_cols = np.nonzero((sent_gray < 128).any(axis=1))[0], np.nonzero((sent_gray < 128).any(axis=0))[0]
     assert (ink_rows[0], ink_cols[0], sent_gray.shape[0] - 1 - ink_rows[-1], sent_gray.shape[1] - 1 - ink_cols[-1]) \
         == (12, 12, 11, 11)
-    print("sent", drawn.size, "fixture", gray.shape[::-1], "latex", rec.latex)
-    def tight(mask: np.ndarray) -> np.ndarray:
-        ys, xs = np.nonzero(mask)
-        return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    crop, target = tight(np.asarray(drawn.convert("L")) < 128), tight(gray > 127)
-    assert abs(crop.shape[0] - target.shape[0]) <= 2 and abs(crop.shape[1] - target.shape[1]) <= 2
-    h, w = min(crop.shape[0], target.shape[0]), min(crop.shape[1], target.shape[1])
-    crop, target = crop[:h, :w], target[:h, :w]
-    iou = (crop & target).sum() / (crop | target).sum()
-    assert iou > 0.8, iou
+    assert sent_gray.shape == gray.shape
+    differing = int(((sent_gray < 128) != (gray > 127)).sum())
+    assert differing <= 0.01 * gray.size, differing
+    print(f"drawn {drawn.size}: {differing} pixels differ from the fixture; latex {rec.latex}")
+    if differing == 0:  # the very image, inverted: the model must read what it reads in the fixture file
+        assert answer["latex"] == reference.latex
     if os.environ.get("HMERZOO_DEMO_SHOTS"):  # a folder to keep what the browser showed, for people to look at
         shot = page.call("Page.captureScreenshot", {"format": "png"})["data"]
         Path(os.environ["HMERZOO_DEMO_SHOTS"], "drawn.png").write_bytes(base64.b64decode(shot))
@@ -297,6 +303,15 @@ def choose_file(page, path: Path) -> None:
     page.call("DOM.setFileInputFiles", {"files": [str(path)], "objectId": node})
 
 
+def drop_file(page, path: Path) -> None:
+    """Drag a file from outside the browser and drop it on the canvas."""
+    x, y = page.evaluate("(() => { const r = document.getElementById('pad').getBoundingClientRect();"
+                         " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+    data = {"items": [], "files": [str(path)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        page.call("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+
+
 def test_uploading_the_fixture_image_gives_the_models_latex(page, fixture_image, reference):
     choose_file(page, fixture_image)
     answer = wait_answer(page)
@@ -305,14 +320,14 @@ def test_uploading_the_fixture_image_gives_the_models_latex(page, fixture_image,
     assert seen["latex"] == reference.latex and seen["rendered"] and seen["error"] is None
 
 
-def test_a_bad_upload_shows_a_message_and_the_page_keeps_working(page, fixture_image, reference, tmp_path):
+def test_a_bad_upload_shows_a_message_and_a_dropped_image_then_works(page, fixture_image, reference, tmp_path):
     bad = tmp_path / "formula.png"
     bad.write_text("this is a text file, not a picture")
     choose_file(page, bad)
     assert wait_state(page, 1) == "error"
     seen = shown(page)
     assert seen["error"] is not None and "not an image" in seen["error"], seen
-    choose_file(page, fixture_image)
+    drop_file(page, fixture_image)  # this time dropped on the canvas
     answer = wait_answer(page, 2)
     assert answer["latex"] == reference.latex
     assert shown(page)["error"] is None  # the message is gone once a request succeeds

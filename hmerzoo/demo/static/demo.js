@@ -95,7 +95,7 @@
   $("undo").addEventListener("click", () => { strokes.pop(); redraw(); });
 
   // The drawing as the model's training images look: the ink's bounding box (pixels darker than mid-grey) with
-  // CROHME's border of 12 pixels left and top, 11 right and bottom, on white, as PNG.
+  // CROHME's border of 12 pixels left and top, 11 right and bottom, black on white, as PNG.
   function drawingBlob() {
     const { data, width, height } = ctx.getImageData(0, 0, pad.width, pad.height);
     let x0 = width, y0 = height, x1 = -1, y1 = -1;
@@ -117,6 +117,15 @@
     octx.fillStyle = "#fff";
     octx.fillRect(0, 0, out.width, out.height);
     octx.drawImage(pad, x0, y0, x1 - x0 + 1, y1 - y0 + 1, MARGIN_BEFORE, MARGIN_BEFORE, x1 - x0 + 1, y1 - y0 + 1);
+    // CROHME's images are pure black and white (strokes rendered without anti-aliasing); the grey edges the canvas
+    // smooths lines with are not what the models saw in training, so they become ink or paper
+    const pixels = octx.getImageData(0, 0, out.width, out.height);
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const v = pixels.data[i] < 128 ? 0 : 255;
+      pixels.data[i] = pixels.data[i + 1] = pixels.data[i + 2] = v;
+      pixels.data[i + 3] = 255;
+    }
+    octx.putImageData(pixels, 0, 0);
     return new Promise((resolve) => out.toBlob(resolve, "image/png"));
   }
 
