@@ -189,8 +189,10 @@ class Browser:
         raise TimeoutError(f"the page never made this true within {timeout:.0f} s: {expression}")
 
     def goto(self, url: str) -> None:
+        # a mark on the old document: until it is gone, the new one has not replaced it yet
+        self.evaluate("window.__cdpOldDocument = true")
         self.call("Page.navigate", {"url": url})
-        self.wait_for("document.readyState === 'complete'", timeout=60)
+        self.wait_for("!window.__cdpOldDocument && document.readyState === 'complete'", timeout=60)
 
     def close(self) -> None:
         try:
