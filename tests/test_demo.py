@@ -150,6 +150,21 @@ def test_page_and_every_asset_it_names_are_served_by_the_package(server):
     assert info["decode"]["beam_size"] == 2 and info["decode"]["mode"] == "bttr"
 
 
+def test_every_static_file_is_package_data():
+    """pyproject's package-data patterns cover every file of the page, so an installed hmerzoo serves it too."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["hmerzoo.demo"]
+    files = [p.relative_to(STATIC_DIR.parent).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file()]
+    assert len(files) == 3 + 4 + 20  # page, script, style; KaTeX script, style, licence, version; 20 fonts
+    # setuptools' '*' does not cross '/', fnmatch's does: compare directory by directory
+    uncovered = [f for f in files if not any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/")
+                                             for p in patterns)]
+    assert not uncovered
+
+
 def test_bad_uploads_are_refused_with_a_reason_and_the_server_keeps_serving(server, fixture_image, reference):
     truncated = png_bytes(Image.new("L", (300, 200), 255))[:60]
     bomb = png_bytes(Image.new("1", (7000, 7000), 1))  # a small file that would decode to 49 megapixels
