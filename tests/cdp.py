@@ -121,7 +121,9 @@ class Browser:
         # stderr goes to a file, not a pipe: Chromium keeps logging, and a full pipe would stall it
         self.log = Path(self.profile) / "stderr.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+            # TMPDIR: Chromium's own temporary files (its singleton socket) go in the profile, removed on close
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log,
+                                            env={**os.environ, "TMPDIR": self.profile})
         self._next_id = 0
         self.ws = WebSocket(self._browser_url())
         target = self._command("Target.createTarget", {"url": "about:blank"})["targetId"]
