@@ -252,6 +252,11 @@ def click(page, element_id: str) -> None:
                     for t, b in (("mousePressed", 1), ("mouseReleased", 0))])
 
 
+ink_pixels = ("(() => { const c = document.getElementById('pad');"
+              " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+              " let n = 0; for (let i = 0; i < d.length; i += 4) n += d[i] < 128; return n; })()")
+
+
 def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, fixture_image, reference):
     gray = np.asarray(Image.open(fixture_image).convert("L"))
     runs = ink_runs(gray)
@@ -262,6 +267,16 @@ def test_drawing_the_fixture_on_the_canvas_gives_the_models_latex(page, model, f
                                      " return [r.left + c.clientLeft, r.top + c.clientTop, c.clientWidth]; })()")
     assert width == 800  # one CSS pixel per canvas pixel: the strokes land where the image's ink is
     ox, oy = CANVAS_OFFSET
+    # a slip of the pen far from the formula, taken back with Ctrl+Z: it must not reach the model
+    page.call_many([("Input.dispatchMouseEvent", {"type": kind, "x": left + x, "y": top + 250, "button": "left",
+                                                  "buttons": buttons, "clickCount": 1})
+                    for kind, x, buttons in (("mousePressed", 600, 1), ("mouseMoved", 700, 1),
+                                             ("mouseReleased", 700, 0))])
+    assert page.evaluate(ink_pixels) > 0
+    for kind in ("keyDown", "keyUp"):
+        page.call("Input.dispatchKeyEvent", {"type": kind, "modifiers": 2, "key": "z", "code": "KeyZ",
+                                             "windowsVirtualKeyCode": 90})
+    assert page.evaluate(ink_pixels) == 0
     events = []
     for i, (y, x0, x1) in enumerate(runs):  # one stroke per run, through the page's pointer handlers
         cy, ax, bx = top + oy + y + 0.5, left + ox + x0 + 0.5, left + ox + x1 + 0.5

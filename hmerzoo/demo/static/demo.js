@@ -91,8 +91,13 @@
   pad.addEventListener("pointerup", endStroke);
   pad.addEventListener("pointercancel", endStroke);
 
+  function undo() { strokes.pop(); redraw(); }
   $("clear").addEventListener("click", () => { strokes = []; clearTimeout(autoTimer); redraw(); });
-  $("undo").addEventListener("click", () => { strokes.pop(); redraw(); });
+  $("undo").addEventListener("click", undo);
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); undo(); }
+    else if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); recognizeDrawing(); }
+  });
 
   // The drawing as the model's training images look: the ink's bounding box (pixels darker than mid-grey) with
   // CROHME's border of 12 pixels left and top, 11 right and bottom, black on white, as PNG.
