@@ -238,7 +238,8 @@ def shown(page) -> dict:
         await document.fonts.ready;
         return {latex: document.getElementById('latex').textContent,
                 rendered: !!document.querySelector('#math .katex-html'),
-                katexFont: document.fonts.check('20px KaTeX_Main'),
+                katexFont: [...document.fonts].some((f) => f.family.replace(/"/g, '') === 'KaTeX_Main'
+                                                      && f.status === 'loaded'),
                 rows: document.querySelectorAll('#hypotheses tbody tr').length,
                 error: document.getElementById('error').hidden ? null : document.getElementById('error').textContent};
     })()""")
