@@ -246,8 +246,12 @@ def validate_recipe(recipe: dict, source: str | None = None) -> None:
         problems.append("model: missing; a recipe needs model.encoder and model.decoder")
     else:
         for key in model:
-            if key not in MODEL_KEYS:
-                problems.append(f"model.{key}: unknown key{did_you_mean(key, MODEL_KEYS)}; known: {', '.join(MODEL_KEYS)}")
+            if key in C.MODEL_OPTIONS:
+                problem = C.type_problem(model[key], C.MODEL_OPTIONS[key], f"model.{key}")
+                problems += [problem] if problem else []
+            elif key not in MODEL_KEYS:
+                known = MODEL_KEYS + list(C.MODEL_OPTIONS)
+                problems.append(f"model.{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
         for key in ("encoder", "decoder"):
             if not model.get(key):
                 problems.append(f"model.{key}: missing")
