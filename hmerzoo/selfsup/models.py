@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..batch import Batch
+from ..errors import HmerzooError
 from ..registry import MODELS
 from .masking import MaskSchedule, block_mask, hide_pixels
 from .views import TwoViews, feature_points, ink_cells
@@ -48,6 +49,12 @@ class SelfSupervisedModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def greedy(self, images: torch.Tensor, image_mask: torch.Tensor, **kwargs: Any) -> list[list[int]]:
+        # what validation would call: a self-supervised stage has no decoder, so say how to switch validation off
+        raise HmerzooError(f"model.type={(self.recipe or {}).get('model', {}).get('type')}: a self-supervised "
+                           "stage has nothing to decode, so it cannot be validated; set data.val_holdout=0 (and no "
+                           "data.val_split) or train.val_every=0")
 
     @staticmethod
     def inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
