@@ -228,3 +228,20 @@ def test_images_dataset_reads_folders_recursively_zips_and_ignores_captions(tmp_
     assert len(ImageFolderDataset(root / "train" / "deeper", ".", vocab)) == 2
     with pytest.raises(Exception, match="split 'nope' not found"):
         ImageFolderDataset(root, "nope", vocab)
+
+
+def test_the_three_recipes_are_listed_and_chain_through_init_from():
+    from hmerzoo.recipe import list_recipes, load_recipe, validate_recipe
+
+    names = {p.stem for p in list_recipes()}
+    assert {"mask_match_pretrain", "mask_match_attention", "mask_match"} <= names
+    s1, s2, s3 = (load_recipe(n) for n in ("mask_match_pretrain", "mask_match_attention", "mask_match"))
+    for recipe in (s1, s2, s3):
+        validate_recipe(recipe)
+    assert s1["model"]["type"] == "mask_match_pretrain" and s1["data"]["format"] == "images"
+    assert s2["model"]["init_from"] == "runs/mask_match_pretrain" and s2["model"]["freeze"] == ["encoder"]
+    assert s3["model"]["init_from"] == "runs/mask_match_attention"
+    # the same encoder everywhere (so the weights transfer), and stage 2's neck is stage 3's
+    assert s1["model"]["encoder"] == s2["model"]["encoder"] == s3["model"]["encoder"] == load_recipe("bttr")["model"]["encoder"]
+    assert s2["model"]["neck"] == {k: v for k, v in s3["model"]["neck"].items() if k != "gate"}
+    assert s3["model"]["decoder"]["type"] == "bttr"
