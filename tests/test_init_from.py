@@ -170,3 +170,14 @@ def test_resume_across_unfreeze_is_exact(tmp_path, source_run):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_init_from_null_trains_from_scratch_even_with_modules_named(tmp_path, source_run):
+    root, _ = source_run
+    recipe = tiny_recipe(root, tmp_path / "run", init_from=None, init_from_modules=["encoder"])
+    validate_recipe(recipe)
+    seed_everything(5)
+    model = build_model(recipe)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prepare_model(model, recipe, None, lambda: 0) is None
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())

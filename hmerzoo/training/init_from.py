@@ -5,7 +5,8 @@
   fresh initialisation. A table says what was loaded, what the model has that the file lacks (missing), what the
   file has that the model lacks (unexpected) and what has another shape. Nothing matching is an error.
 - ``model.init_from_modules: [encoder, ...]``: only tensors under these module names (``encoder``,
-  ``neck.scorer``, ...) are taken from the file.
+  ``neck.scorer``, ...) are taken from the file (ignored when ``model.init_from`` is null: a recipe that names both
+  trains from scratch with ``model.init_from=null``).
 - ``model.freeze: [encoder, ...]``: these modules get no gradient and run in eval mode (BatchNorm statistics and
   dropout fixed, the usual way to keep a pre-trained feature extractor as it is) until optimizer step
   ``train.unfreeze_at`` (never when unset). Whether a module is frozen is decided from the trainer's step before
@@ -176,8 +177,6 @@ def prepare_model(model: nn.Module, recipe: dict, unfreeze_at: int | None, step:
         report = load_matching(model, options["init_from"], options["init_from_modules"])
         if console is not None:
             console.print(report_table(report))
-    elif options["init_from_modules"]:
-        raise RecipeError("model.init_from_modules: set without model.init_from (where should the weights come from?)")
     if options["freeze"]:
         model.register_forward_pre_hook(Freezer(model, options["freeze"], unfreeze_at, step))
     elif unfreeze_at is not None:
