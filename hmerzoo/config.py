@@ -247,7 +247,8 @@ class TrainConfig(Section):
 
     def problems(self) -> list[str]:
         problems = (_at_least(self, "train", 1, ("epochs", "log_every", "val_max_len", "accumulate", "ema_every"))
-                    + _at_least(self, "train", 1, ("max_steps", "ckpt_every", "num_threads", "unfreeze_at"), optional=True)
+                    + _at_least(self, "train", 1, ("max_steps", "ckpt_every", "num_threads", "unfreeze_at"),
+                                optional=True)
                     + _at_least(self, "train", 0, ("val_every", "keep_last", "ema_start"))
                     + _one_of(self, "train", "precision", PRECISIONS)
                     + _one_of(self, "train", "monitor", VAL_METRICS)

@@ -242,6 +242,7 @@ def test_the_three_recipes_are_listed_and_chain_through_init_from():
     assert s2["model"]["init_from"] == "runs/mask_match_pretrain" and s2["model"]["freeze"] == ["encoder"]
     assert s3["model"]["init_from"] == "runs/mask_match_attention"
     # the same encoder everywhere (so the weights transfer), and stage 2's neck is stage 3's
-    assert s1["model"]["encoder"] == s2["model"]["encoder"] == s3["model"]["encoder"] == load_recipe("bttr")["model"]["encoder"]
+    bttr_encoder = load_recipe("bttr")["model"]["encoder"]
+    assert s1["model"]["encoder"] == s2["model"]["encoder"] == s3["model"]["encoder"] == bttr_encoder
     assert s2["model"]["neck"] == {k: v for k, v in s3["model"]["neck"].items() if k != "gate"}
     assert s3["model"]["decoder"]["type"] == "bttr"

@@ -115,7 +115,8 @@ class TwoViews(nn.Module):
         k = _uniform(b, -self.shear, self.shear, device)
         cos, sin = torch.cos(theta), torch.sin(theta)
         # M = (1/s) R Sh, Sh = [[1, k], [0, 1]]
-        m = torch.stack([torch.stack([cos, cos * k - sin], -1), torch.stack([sin, sin * k + cos], -1)], -2) / s[:, None, None]
+        m = torch.stack([torch.stack([cos, cos * k - sin], -1), torch.stack([sin, sin * k + cos], -1)], -2)
+        m = m / s[:, None, None]
         q = torch.stack([out_w / 2, out_h / 2], -1)
         o = torch.stack([ox, oy], -1)
         coords = o[:, None, None] + torch.einsum("bij,bhwj->bhwi", m, points - q[:, None, None])
