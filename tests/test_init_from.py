@@ -181,3 +181,14 @@ def test_init_from_null_trains_from_scratch_even_with_modules_named(tmp_path, so
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     assert prepare_model(model, recipe, None, lambda: 0) is None
     assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
+
+
+def test_the_run_counts_frozen_parameters_as_not_trainable(tmp_path, source_run):
+    root, _ = source_run
+    recipe = tiny_recipe(root, tmp_path / "run", freeze=["encoder"])
+    recipe["train"]["max_steps"] = 1
+    console = quiet()
+    training.train(recipe, console=console)
+    model = build_model(recipe)
+    expected = model.num_parameters() - sum(p.numel() for p in model.encoder.parameters())
+    assert f"{expected:,} trainable parameters" in console.file.getvalue()

@@ -168,21 +168,35 @@ def model_options(recipe: dict) -> dict:
     return {key: model.get(key) for key in ("init_from", "init_from_modules", "freeze")}
 
 
-def prepare_model(model: nn.Module, recipe: dict, unfreeze_at: int | None, step: Callable[[], int],
-                  console: Any = None) -> InitReport | None:
-    """What training/setup.py calls right after building the model: init_from, freeze, step-aware modules."""
+def init_from_recipe(model: nn.Module, recipe: dict, console: Any = None) -> InitReport | None:
+    """model.init_from (restricted by model.init_from_modules), printing the table on ``console``."""
     options = model_options(recipe)
-    report = None
-    if options["init_from"]:
-        report = load_matching(model, options["init_from"], options["init_from_modules"])
-        if console is not None:
-            console.print(report_table(report))
-    if options["freeze"]:
-        model.register_forward_pre_hook(Freezer(model, options["freeze"], unfreeze_at, step))
+    if not options["init_from"]:
+        return None
+    report = load_matching(model, options["init_from"], options["init_from_modules"])
+    if console is not None:
+        console.print(report_table(report))
+    return report
+
+
+def install_training_hooks(model: nn.Module, recipe: dict, unfreeze_at: int | None, step: Callable[[], int]) -> None:
+    """model.freeze / train.unfreeze_at and set_training_step, decided now and before every forward. Called once the
+    optimizer holds every parameter (frozen ones included, so releasing them needs no new optimizer)."""
+    names = model_options(recipe)["freeze"]
+    if names:
+        freezer = Freezer(model, names, unfreeze_at, step)
+        freezer(model, ())  # frozen from the start: the parameter count printed before training says so
+        model.register_forward_pre_hook(freezer)
     elif unfreeze_at is not None:
         raise RecipeError("train.unfreeze_at: set, but model.freeze names no module to release")
     notifier = StepNotifier(model, step)
     if notifier.targets:
         model.register_forward_pre_hook(notifier)
-    return report
 
+
+def prepare_model(model: nn.Module, recipe: dict, unfreeze_at: int | None, step: Callable[[], int],
+                  console: Any = None) -> InitReport | None:
+    """Both of the above, for a model used outside the trainer (the trainer calls them at their own points)."""
+    report = init_from_recipe(model, recipe, console)
+    install_training_hooks(model, recipe, unfreeze_at, step)
+    return report
