@@ -246,3 +246,14 @@ def test_the_three_recipes_are_listed_and_chain_through_init_from():
     assert s1["model"]["encoder"] == s2["model"]["encoder"] == s3["model"]["encoder"] == bttr_encoder
     assert s2["model"]["neck"] == {k: v for k, v in s3["model"]["neck"].items() if k != "gate"}
     assert s3["model"]["decoder"]["type"] == "bttr"
+
+
+def test_a_self_supervised_stage_says_it_cannot_decode(tmp_path):
+    from hmerzoo.errors import HmerzooError
+
+    model = tiny_model("mask_match_pretrain", tiny_root(tmp_path, n=2, captions=False))
+    batch = padded_batch()
+    with pytest.raises(HmerzooError, match="data.val_holdout=0"):
+        model.greedy(batch.images, batch.image_mask)
+    with pytest.raises(HmerzooError, match="fine-tune it on captions first"):
+        model.recognize([batch.images[0]])

@@ -50,11 +50,18 @@ class SelfSupervisedModel(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    def _nothing_to_decode(self, what: str) -> HmerzooError:
+        kind = (self.recipe or {}).get("model", {}).get("type")
+        return HmerzooError(f"model.type={kind}: a self-supervised stage has no decoder, so it cannot {what}; "
+                            "fine-tune it on captions first (recipes/mask_match.yaml with model.init_from=THIS_RUN)")
+
     def greedy(self, images: torch.Tensor, image_mask: torch.Tensor, **kwargs: Any) -> list[list[int]]:
-        # what validation would call: a self-supervised stage has no decoder, so say how to switch validation off
-        raise HmerzooError(f"model.type={(self.recipe or {}).get('model', {}).get('type')}: a self-supervised "
-                           "stage has nothing to decode, so it cannot be validated; set data.val_holdout=0 (and no "
+        # what validation calls: say how to switch it off
+        raise HmerzooError(f"{self._nothing_to_decode('be validated')}; or set data.val_holdout=0 (and no "
                            "data.val_split) or train.val_every=0")
+
+    def recognize(self, images: Any, **kwargs: Any) -> list:
+        raise self._nothing_to_decode("recognize images (hmerzoo predict / eval)")
 
     @staticmethod
     def inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
