@@ -257,3 +257,19 @@ def test_a_self_supervised_stage_says_it_cannot_decode(tmp_path):
         model.greedy(batch.images, batch.image_mask)
     with pytest.raises(HmerzooError, match="fine-tune it on captions first"):
         model.recognize([batch.images[0]])
+
+
+def test_the_neck_with_gate_zero_is_bttrs_neck():
+    from hmerzoo.necks.projection import BTTRProjection
+
+    torch.manual_seed(0)
+    net = AttentionNetwork(in_channels=6, d_model=8, hidden=4, gate=0.0)
+    bttr = BTTRProjection(in_channels=6, d_model=8)
+    bttr.load_state_dict({k: v for k, v in net.state_dict().items() if k.startswith(("feature_proj.", "norm."))})
+    features = torch.randn(2, 6, 3, 5)
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)
+    mask[1, :, 4:] = True
+    ours, theirs = net(features, mask)[0], bttr(features, mask)[0]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    net.gate.data.fill_(1.0)  # with the gate open the focus map re-weights the cells
+    assert not torch.allclose(net(features, mask)[0], theirs, atol=1e-3)
