@@ -16,11 +16,11 @@ import torch
 # the directory layout is checkpoint.py's (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE stay importable from here)
 from .checkpoint import (RECIPE_FILE, VOCAB_FILE, WEIGHTS_FILE, WEIGHTS_SUFFIX, find_model_dir, find_weights,
                          load_weights)
-from .config import resolve_dictionary
+from .config import MODEL_OPTIONS, resolve_dictionary
 from .errors import CheckpointError, DataError, RecipeError
 from .model import HMERModel
 from .recipe import load_recipe, validate_recipe
-from .registry import DECODERS, ENCODERS, HEADS, LOSSES, NECKS, Registry
+from .registry import DECODERS, ENCODERS, HEADS, LOSSES, MODELS, NECKS, Registry
 from .vocab import Vocabulary
 
 DEFAULT_LOSS = {"type": "cross_entropy"}
@@ -50,11 +50,17 @@ def build_component(reg: Registry, node: dict, path: str, injected: dict[str, An
         raise RecipeError(f"{path}: cannot build {node['type']}: {e}; fix the arguments under {path}") from None
 
 
-def vocab_from_recipe(recipe: dict) -> Vocabulary:
+def vocab_from_recipe(recipe: dict, captions: bool = True) -> Vocabulary:
+    """``captions=False`` (a model type that trains on images alone): without a dictionary, the special tokens."""
     vcfg = recipe.get("vocab") or {}
+    specials = vcfg.get("specials")
+    if specials is None:  # an empty list is meaningful: the dictionary lists its special tokens itself (ABM)
+        specials = ["<pad>", "<sos>", "<eos>"]
     # no vocab.dictionary: the data root's dictionary.txt, the root resolved as for training (data.root,
     # $HMERZOO_DATA, the checkout's data/crohme, the user cache)
     dictionary = resolve_dictionary(vcfg.get("dictionary"), (recipe.get("data") or {}).get("root"))
+    if not captions and vcfg.get("dictionary") is None and not os.path.isfile(dictionary):
+        return Vocabulary(specials or ["<pad>", "<sos>", "<eos>"], roles=vcfg.get("roles"))
     if vcfg.get("dictionary") is None and not os.path.isfile(dictionary):
         # HME100K, folder and InkML roots ship no dictionary.txt. Training reads one off all the labels (sorted,
         # so the ids do not depend on which splits were read) and passes it as `vocab`; a direct build does not
@@ -62,10 +68,8 @@ def vocab_from_recipe(recipe: dict) -> Vocabulary:
         root = os.path.dirname(dictionary)
         raise DataError(f"vocab.dictionary: not set, and the data root has no {os.path.basename(dictionary)} "
                         f"({dictionary}); write one from the captions with `hmerzoo data vocab {root} --out "
-                        f"{dictionary}`, or set vocab.dictionary=FILE (hmerzoo train reads it from the labels of such roots by itself)")
-    specials = vcfg.get("specials")
-    if specials is None:  # an empty list is meaningful: the dictionary lists its special tokens itself (ABM)
-        specials = ["<pad>", "<sos>", "<eos>"]
+                        f"{dictionary}`, or set vocab.dictionary=FILE (hmerzoo train reads it from the labels of "
+                        "such roots by itself)")
     return Vocabulary.from_dictionary(dictionary, specials, roles=vcfg.get("roles"))
 
 
@@ -81,10 +85,13 @@ def build_model(recipe: str | os.PathLike | dict, overrides: Iterable[str] = (),
     recipe = load_recipe(recipe, overrides)
     if validate:
         validate_recipe(recipe, source)
-    if vocab is None:
-        vocab = vocab_from_recipe(recipe)
-    specials = dict(vocab_size=len(vocab), **vocab.special_ids)
     model_cfg = recipe["model"]
+    model_cls = MODELS.get(model_cfg["type"], "model.type") if model_cfg.get("type") else None
+    if vocab is None:
+        vocab = vocab_from_recipe(recipe, captions=getattr(model_cls, "captions", True))
+    specials = dict(vocab_size=len(vocab), **vocab.special_ids)
+    if model_cls is not None:
+        return build_typed_model(model_cls, recipe, vocab, specials)
 
     encoder = build_component(ENCODERS, model_cfg["encoder"], "model.encoder")
     channels = _out_channels(encoder, "model.encoder")
@@ -101,6 +108,26 @@ def build_model(recipe: str | os.PathLike | dict, overrides: Iterable[str] = (),
         heads[name] = build_component(HEADS, node, f"model.heads.{name}", {"d_model": d_model, "vocab": vocab, **specials})
     loss = build_component(LOSSES, recipe.get("loss") or DEFAULT_LOSS, "loss", specials)
     return HMERModel(vocab, encoder, decoder, loss, neck=neck, heads=heads, recipe=recipe)
+
+
+def build_typed_model(cls: Any, recipe: dict, vocab: Vocabulary, specials: dict) -> Any:
+    """``model.type: NAME`` (MODELS): the encoder, the neck (when given) and the top-level ``loss`` are built as for
+    HMERModel and passed with the vocabulary and the recipe; every other key of ``model:`` is the class's own
+    keyword argument. The result keeps the trainer's contract: ``forward(batch) -> {"loss", "losses"}``, ``vocab``,
+    ``recipe``, ``num_parameters``; ``greedy`` only if it is validated with ExpRate."""
+    model_cfg = recipe["model"]
+    encoder = build_component(ENCODERS, model_cfg["encoder"], "model.encoder")
+    parts: dict[str, Any] = {"vocab": vocab, "encoder": encoder, "recipe": recipe}
+    if model_cfg.get("neck"):
+        parts["neck"] = build_component(NECKS, model_cfg["neck"], "model.neck",
+                                        {"in_channels": _out_channels(encoder, "model.encoder")})
+    if recipe.get("loss"):
+        parts["loss"] = build_component(LOSSES, recipe["loss"], "loss", specials)
+    own = {k: v for k, v in model_cfg.items() if k not in ("type", "encoder", "neck") and k not in MODEL_OPTIONS}
+    try:
+        return cls(**parts, **own)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"model: cannot build model.type={model_cfg['type']}: {e}") from None
 
 
 def _out_channels(module: Any, path: str) -> int:

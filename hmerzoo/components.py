@@ -1,3 +1,3 @@
 """Importing this module registers every built-in component (encoders, necks, decoders, heads, losses,
 optimizers, schedulers, datasets, transforms)."""
-from . import data, decoders, encoders, heads, losses, necks, optim  # noqa: F401
+from . import data, decoders, encoders, heads, losses, necks, optim, selfsup  # noqa: F401

@@ -238,6 +238,8 @@ class TrainConfig(Section):
     # a non-finite loss (or gradient norm): error = stop with a message naming the step and samples; skip = leave
     # the weights unchanged for that batch, count it (metrics.jsonl "nonfinite_skipped", and the end of the run)
     nonfinite: str = "error"
+    # model.freeze's modules are released (trainable again) from this optimizer step on; null: frozen throughout
+    unfreeze_at: int | None = None
 
     @property
     def max_time_seconds(self) -> float | None:
@@ -245,7 +247,8 @@ class TrainConfig(Section):
 
     def problems(self) -> list[str]:
         problems = (_at_least(self, "train", 1, ("epochs", "log_every", "val_max_len", "accumulate", "ema_every"))
-                    + _at_least(self, "train", 1, ("max_steps", "ckpt_every", "num_threads"), optional=True)
+                    + _at_least(self, "train", 1, ("max_steps", "ckpt_every", "num_threads", "unfreeze_at"),
+                                optional=True)
                     + _at_least(self, "train", 0, ("val_every", "keep_last", "ema_start"))
                     + _one_of(self, "train", "precision", PRECISIONS)
                     + _one_of(self, "train", "monitor", VAL_METRICS)
@@ -287,6 +290,9 @@ class DecodeConfig(Section):
         return _one_of(self, "decode", "batching", BATCHING) + _at_least(self, "decode", 1,
                                                                         ("beam_size", "max_len", "batch_size"))
 
+
+# model: keys that are not components; the trainer applies them (training/init_from.py), build_model ignores them
+MODEL_OPTIONS = {"init_from": Union[str, None], "init_from_modules": Union[list, None], "freeze": Union[list, None]}
 
 SECTIONS = {"vocab": VocabConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
 

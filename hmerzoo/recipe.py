@@ -16,12 +16,14 @@ import yaml
 
 from . import config as C
 from .errors import RecipeError, did_you_mean
-from .registry import (DATASETS, DECODERS, ENCODERS, HEADS, LOSSES, NECKS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, Registry,
-                       import_modules)
+from .registry import (DATASETS, DECODERS, ENCODERS, HEADS, LOSSES, MODELS, NECKS, OPTIMIZERS, SCHEDULERS, TRANSFORMS,
+                       Registry, import_modules)
 
 TOP_LEVEL = ["extends", "name", "description", "seed", "imports", "vocab", "data", "model", "loss", "optim",
              "sched", "train", "decode"]
-MODEL_KEYS = ["encoder", "neck", "decoder", "heads"]
+MODEL_KEYS = ["type", "encoder", "neck", "decoder", "heads"]
+# what the builder passes to a model.type class itself (builder.build_typed_model)
+TYPED_MODEL_PARTS = {"vocab", "encoder", "neck", "loss", "recipe"}
 
 # Constructor arguments the builder supplies; a recipe may set them only to the value that would be injected.
 INJECTED = {
@@ -245,12 +247,7 @@ def validate_recipe(recipe: dict, source: str | None = None) -> None:
     if not isinstance(model, dict):
         problems.append("model: missing; a recipe needs model.encoder and model.decoder")
     else:
-        for key in model:
-            if key not in MODEL_KEYS:
-                problems.append(f"model.{key}: unknown key{did_you_mean(key, MODEL_KEYS)}; known: {', '.join(MODEL_KEYS)}")
-        for key in ("encoder", "decoder"):
-            if not model.get(key):
-                problems.append(f"model.{key}: missing")
+        problems += _model_problems(model)
         if model.get("heads") is not None and not isinstance(model["heads"], dict):
             problems.append("model.heads: expected a mapping of head name -> {type: ..., ...}")
     if recipe.get("optim") is None:
@@ -283,6 +280,33 @@ def validate_recipe(recipe: dict, source: str | None = None) -> None:
             problems.extend(e.problems)
     if problems:
         raise RecipeError(problems, source)
+
+
+def _model_problems(model: dict) -> list[str]:
+    """The ``model:`` keys that are not component nodes: model.type's own arguments, init_from/freeze options."""
+    problems: list[str] = []
+    typed = None
+    if model.get("type") is not None:
+        try:
+            typed = MODELS.get(model["type"], "model.type")
+        except RecipeError as e:
+            return list(e.problems)
+    own = {}
+    for key in model:
+        if key in C.MODEL_OPTIONS:
+            problem = C.type_problem(model[key], C.MODEL_OPTIONS[key], f"model.{key}")
+            problems += [problem] if problem else []
+        elif typed is not None and key not in ("type", "encoder", "neck"):
+            own[key] = model[key]
+        elif key not in MODEL_KEYS:
+            known = MODEL_KEYS + list(C.MODEL_OPTIONS)
+            problems.append(f"model.{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
+    if typed is not None:
+        problems += signature_problems(typed, own, "model", TYPED_MODEL_PARTS)
+    for key in ("encoder",) if typed is not None else ("encoder", "decoder"):
+        if not model.get(key):
+            problems.append(f"model.{key}: missing")
+    return problems
 
 
 def dump_recipe(recipe: dict) -> str:

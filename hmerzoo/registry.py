@@ -111,6 +111,8 @@ TRANSFORMS = Registry("transform", "TRANSFORMS")
 # official checkpoint formats ``hmerzoo convert NAME`` reads; filled by the modules of hmerzoo.convert
 CONVERTERS = Registry("converter", "CONVERTERS")
 SEARCH_MODES = Registry("search mode", "SEARCH_MODES")  # decode.mode: hmerzoo.decoding.modes
+# model.type: composite models other than the default encoder (+ neck) + decoder HMERModel (builder.build_model)
+MODELS = Registry("model", "MODELS")
 
 ALL = {
     "encoders": ENCODERS,
@@ -124,6 +126,7 @@ ALL = {
     "transforms": TRANSFORMS,
     "converters": CONVERTERS,
     "search_modes": SEARCH_MODES,
+    "models": MODELS,
 }
 
 

@@ -8,7 +8,7 @@ import sys
 from .common import add_import, console, import_user_modules, split_overrides
 
 LIST_KINDS = ["encoders", "necks", "decoders", "heads", "losses", "optimizers", "schedulers", "datasets",
-              "transforms", "converters", "search_modes", "recipes"]
+              "transforms", "converters", "search_modes", "models", "recipes"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:

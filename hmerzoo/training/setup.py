@@ -18,6 +18,7 @@ from ..registry import OPTIMIZERS, SCHEDULERS
 from ..runtime import resolve_device, resolve_precision, seed_everything
 from ..vocab import Vocabulary
 from .extras import compile_model, make_ema
+from .init_from import init_from_recipe, install_training_hooks
 from .output import MetricsLog, ProgressDisplay
 from .state import TrainState
 from .stopping import AgreedStop, StopRequest, TimeBudget
@@ -63,6 +64,7 @@ class TrainerSetup:
 
         # the same initial weights on every rank (same seed)
         self.model = build_model(recipe, validate=False, vocab=labels_vocabulary(recipe)).to(self.device)
+        init_from_recipe(self.model, recipe, console if self.dist.is_main else None)  # model.init_from (init_from.py)
         # train.ema_decay: the EMA copy (made before compiling, so it stays a plain eager model)
         self.ema = make_ema(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         if cfg.compile:
@@ -97,6 +99,8 @@ class TrainerSetup:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
         self.state = TrainState()
+        # model.freeze / train.unfreeze_at / set_training_step, from the trainer's step (after the optimizer took all)
+        install_training_hooks(self.model, recipe, cfg.unfreeze_at, lambda: self.state.step)
         self.pending_rng: dict | None = None  # RNG states of a resumed checkpoint, restored where the run left off
         self.last_saved_step: int | None = None
         self.metrics: MetricsLog | None = None
