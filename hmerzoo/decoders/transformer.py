@@ -79,6 +79,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
     # may drop memory positions padded in every image a batch reads (only attention reads the positions)
     compact_memory = True
     state_class: type[TransformerDecoderState] = TransformerDecoderState
+    rescorer: Any = None  # see attach_rescorer
 
     def __init__(self, in_channels: int, vocab_size: int, pad_id: int | None, sos_id: int, eos_id: int,
                  d_model: int, nhead: int, max_positions: int):
@@ -115,6 +116,11 @@ class TransformerSequenceDecoder(SequenceDecoder):
         ``init_output_state``, ``step_output`` and ``reorder_output_state``. It is held outside ``_modules``: its
         parameters belong to (and are saved by) the head that owns them."""
         self.__dict__["_output"] = output
+
+    def attach_rescorer(self, scorer: Any) -> None:
+        """A second-pass scorer of finished hypotheses that a search mode reads as ``decoder.rescorer`` (TAMER's
+        structure score, ``decode.mode: tamer``); held outside ``_modules`` as in ``attach_output``."""
+        self.__dict__["rescorer"] = scorer
 
     def _predicted(self, logits: torch.Tensor, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         output = self.__dict__.get("_output")

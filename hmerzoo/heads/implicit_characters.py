@@ -46,9 +46,10 @@ def implicit_ids(tokens: Sequence[int], keep_ids: frozenset[int], space_id: int)
     return [t if t in keep_ids else space_id for t in tokens]
 
 
-class CausalEncoderLayer(nn.Module):
-    """Post-LN ``torch.nn.TransformerEncoderLayer`` (ReLU) with a causal mask, and a key/value cache for decoding
-    one position at a time. Parameter names mirror torch's layer."""
+class EncoderLayer(nn.Module):
+    """Post-LN ``torch.nn.TransformerEncoderLayer`` (ReLU) under any attention mask (ICAL's SCCM: causal; TAMER's
+    structure layer: padding only), with a key/value cache for decoding one position at a time. Parameter names
+    mirror torch's layer."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
@@ -105,7 +106,7 @@ class ImplicitCharacterHead(nn.Module):
         self.keep_tokens = list(IMPLICIT_TOKENS if keep_tokens is None else keep_tokens)
         self.keep_ids = frozenset(vocab.token_to_id[t] for t in self.keep_tokens if t in vocab)
         self.num_classes = len(vocab)
-        self.sccm = CausalEncoderLayer(d_model, nhead, dim_feedforward, dropout)
+        self.sccm = EncoderLayer(d_model, nhead, dim_feedforward, dropout)
         self.implicit_proj = nn.Linear(d_model, len(vocab))
         if fuse:
             if decoder is None or not hasattr(decoder, "attach_output"):
