@@ -232,12 +232,17 @@ TINY = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck
 
 
 @pytest.mark.slow
-def test_recipe_trains(tmp_path: Path, sample_root: Path) -> None:
+@pytest.mark.parametrize("recipe,overrides,heads", [
+    ("tamer", [], {"structure"}),
+    # a composition: ICAL's fused prediction and TAMER's structure rescoring on one CoMER
+    ("comer_implicit_tree", ["model.heads.implicit.dim_feedforward=64"], {"structure", "implicit", "fusion"}),
+])
+def test_recipes_train(tmp_path: Path, sample_root: Path, recipe: str, overrides: list[str], heads: set) -> None:
     from rich.console import Console
 
     from hmerzoo.trainer import train
 
-    config = hmerzoo.load_recipe("tamer", TINY + [
+    config = hmerzoo.load_recipe(recipe, TINY + overrides + [
         f"data.root={sample_root}", "data.num_workers=0", "data.val_holdout=4", "data.batch_size=2",
         "data.max_image_pixels=20000", "train.max_steps=2", "train.val_every=0", "train.log_every=1",
         "train.device=cpu", f"train.output_dir={tmp_path}"])
@@ -245,9 +250,9 @@ def test_recipe_trains(tmp_path: Path, sample_root: Path) -> None:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    assert all("loss/structure" in r and np.isfinite(r["loss"]) for r in steps)
+    assert all(all(f"loss/{h}" in r for h in heads) and np.isfinite(r["loss"]) for r in steps)
     model = hmerzoo.load_model(run_dir)
-    assert model.decoder.rescorer is model.heads["structure"]
+    assert model.decoder.rescorer is model.heads["structure"] and model.recipe["decode"]["mode"] == "tamer"
     assert isinstance(model.recognize([torch.rand(1, 32, 48)], beam_size=2, max_len=5)[0].latex, str)
 
 
