@@ -167,6 +167,7 @@ def _golden_rows(golden: dict, prefix: str) -> list[list[int]]:
     return [golden[f"{prefix}_tokens"][i, :n].tolist() for i, n in enumerate(golden[f"{prefix}_lengths"].tolist())]
 
 
+@pytest.mark.slow  # ~30-50 s on 2 busy cores: the official search runs to its end
 def test_batched_beam_search_is_the_official(tamer: dict) -> None:
     model, golden = tamer["model"], tamer["golden"]
     vocab = model.vocab
@@ -185,6 +186,7 @@ def test_batched_beam_search_is_the_official(tamer: dict) -> None:
                                atol=SCORE_TOL, rtol=0)
 
 
+@pytest.mark.slow  # ~30-50 s on 2 busy cores: the official search runs to its end
 def test_single_images_search(tamer: dict) -> None:
     model, golden = tamer["model"], tamer["golden"]
     for i in range(2):
