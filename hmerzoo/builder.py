@@ -105,7 +105,9 @@ def build_model(recipe: str | os.PathLike | dict, overrides: Iterable[str] = (),
     for name, node in (model_cfg.get("heads") or {}).items():
         if node is None:
             continue  # a head switched off by an override (model.heads.NAME=null)
-        heads[name] = build_component(HEADS, node, f"model.heads.{name}", {"d_model": d_model, "vocab": vocab, **specials})
+        # a head that takes `decoder` may plug into it (ICAL's fused output layer)
+        heads[name] = build_component(HEADS, node, f"model.heads.{name}",
+                                      {"d_model": d_model, "vocab": vocab, "decoder": decoder, **specials})
     loss = build_component(LOSSES, recipe.get("loss") or DEFAULT_LOSS, "loss", specials)
     return HMERModel(vocab, encoder, decoder, loss, neck=neck, heads=heads, recipe=recipe)
 

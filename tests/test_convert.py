@@ -22,23 +22,30 @@ from hmerzoo.convert.abm import ABM_BRANCHES, ABM_PACKED, ABM_RENAMES
 from hmerzoo.convert.bttr import BTTR_PREFIXES
 from hmerzoo.convert.comer import COMER_PREFIXES
 from hmerzoo.convert.hmer_mtl import HMER_MTL_PREFIXES
+from hmerzoo.convert.ical import ICAL_PREFIXES
+from hmerzoo.convert.tamer import TAMER_PREFIXES
 from hmerzoo.errors import CheckpointError
 from hmerzoo.registry import Registry
 from hmerzoo.vocab import Vocabulary
 
-FAMILIES = {"bttr": "BTTR", "comer": "CoMER", "hmer_mtl": "HMER-MTL", "abm": "ABM"}
+FAMILIES = {"bttr": "BTTR", "comer": "CoMER", "hmer_mtl": "HMER-MTL", "abm": "ABM", "ical": "ICAL", "tamer": "TAMER"}
 TRANSFORMER = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck.d_model=32",
                "model.decoder.d_model=32", "model.decoder.num_layers=2", "model.decoder.dim_feedforward=64"]
 TINY = {
     "bttr": TRANSFORMER,  # nhead stays 8: without hyper-parameters the converter takes the official 8
     "comer": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8"],  # nhead read off the ARM
     "hmer_mtl": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8"],
+    "ical": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8", "model.heads.implicit.dim_feedforward=64"],
+    "tamer": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8", "model.heads.structure.dim_feedforward=64"],
     "abm": ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.decoder.hidden_size=16",
             "model.decoder.embed_dim=8", "model.decoder.attention_dim=16", "model.decoder.coverage_channels=8"],
 }
 # the Lightning attribute that holds the model in each official checkpoint
-LIGHTNING_PREFIX = {"bttr": "bttr.", "comer": "comer_model.", "hmer_mtl": "comer_model.", "abm": ""}
-PREFIX_TABLES = {"bttr": BTTR_PREFIXES, "comer": COMER_PREFIXES, "hmer_mtl": HMER_MTL_PREFIXES}
+LIGHTNING_PREFIX = {"bttr": "bttr.", "comer": "comer_model.", "hmer_mtl": "comer_model.", "abm": "", "ical": "ical_model.",
+                    "tamer": "tamer_model."}
+PREFIX_TABLES = {"bttr": BTTR_PREFIXES, "comer": COMER_PREFIXES, "hmer_mtl": HMER_MTL_PREFIXES, "ical": ICAL_PREFIXES,
+                 "tamer": TAMER_PREFIXES}
+SPACE_FAMILIES = ("hmer_mtl", "ical")  # vocabularies with <space> = 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,7 +98,7 @@ def tiny_model(name: str, folder: Path) -> hmerzoo.model.HMERModel:
     if name == "abm":
         vocab = Vocabulary.from_dictionary(str(path), [], roles={"sos": "sos", "eos": "eos"})
     else:
-        specials = ["<pad>", "<sos>", "<eos>"] + (["<space>"] if name == "hmer_mtl" else [])
+        specials = ["<pad>", "<sos>", "<eos>"] + (["<space>"] if name in SPACE_FAMILIES else [])
         vocab = Vocabulary.from_dictionary(str(path), specials)
     torch.manual_seed(0)
     model = build_model(name, TINY[name], vocab=vocab)
@@ -126,7 +133,7 @@ def test_every_parameter_of_the_shipped_recipes_has_an_official_key(tmp_path: Pa
         folder = tmp_path / name
         folder.mkdir()
         path = dictionary(folder, name, 110)
-        specials = {"abm": [], "hmer_mtl": ["<pad>", "<sos>", "<eos>", "<space>"]}.get(name, ["<pad>", "<sos>", "<eos>"])
+        specials = [] if name == "abm" else ["<pad>", "<sos>", "<eos>"] + (["<space>"] if name in SPACE_FAMILIES else [])
         roles = {"sos": "sos", "eos": "eos"} if name == "abm" else None
         model = build_model(name, vocab=Vocabulary.from_dictionary(str(path), specials, roles=roles))
         state = model.state_dict()
@@ -218,7 +225,10 @@ def test_list_converters(capsys) -> None:
 # the real official files (parity fixtures)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_official_fixture_given_to_every_other_converter(parity_dir: Path, tmp_path: Path, name: str) -> None:
-    source = parity_dir / name / "state_dict.safetensors"
+    # ICAL's and TAMER's generated goldens are committed (tests/goldens/), the others are in ../shared
+    goldens = Path(__file__).resolve().parent / "goldens"
+    folder = goldens / name if name in ("ical", "tamer") else parity_dir / name
+    source = folder / "state_dict.safetensors"
     if not source.is_file():
         pytest.skip(f"{name} parity fixtures not found in {source.parent}")
     path = tmp_path / f"{name}_checkpoint.safetensors"

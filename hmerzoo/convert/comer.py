@@ -129,7 +129,9 @@ class CoMERConverter(Converter):
     keys = "keys 'comer_model.encoder.*', 'comer_model.decoder.*', no 'decoder.proj_imp'"
 
     def recognises(self, state: dict[str, torch.Tensor]) -> bool:
-        return is_comer_family(state) and not has_skeleton_head(state)
+        # ICAL's and TAMER's state dicts are CoMER's plus their branch ('decoder.SCCM.*', 'decoder.struct_sim.*')
+        return (is_comer_family(state) and not has_skeleton_head(state)
+                and not has_prefix(state, "decoder.SCCM.") and not has_prefix(state, "decoder.struct_sim."))
 
     def convert(self, state: dict[str, torch.Tensor], dictionary: Path, hparams: dict) -> Converted:
         return convert_comer(state, dictionary, hparams)

@@ -59,6 +59,7 @@ class TransformerDecoderState:
     self_pad: torch.Tensor
     position: int
     direction: str | list[str]
+    output_state: Any = None  # the attached output layer's own state (attach_output), if any
 
 
 class TransformerSequenceDecoder(SequenceDecoder):
@@ -78,6 +79,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
     # may drop memory positions padded in every image a batch reads (only attention reads the positions)
     compact_memory = True
     state_class: type[TransformerDecoderState] = TransformerDecoderState
+    rescorer: Any = None  # see attach_rescorer
 
     def __init__(self, in_channels: int, vocab_size: int, pad_id: int | None, sos_id: int, eos_id: int,
                  d_model: int, nhead: int, max_positions: int):
@@ -106,6 +108,23 @@ class TransformerSequenceDecoder(SequenceDecoder):
 
     def _add_output(self) -> None:
         self.proj = nn.Linear(self.d_model, self.vocab_size)
+
+    def attach_output(self, output: Any) -> None:
+        """Predict with ``output``'s logits instead of ``proj``'s at inference (search, rescoring, scoring, greedy);
+        the training pass keeps ``proj``'s and its hidden states, from which the owner computes its own losses.
+        ``output`` (an auxiliary head, e.g. ICAL's fusion) provides ``output_logits(hidden, pad)``,
+        ``init_output_state``, ``step_output`` and ``reorder_output_state``. It is held outside ``_modules``: its
+        parameters belong to (and are saved by) the head that owns them."""
+        self.__dict__["_output"] = output
+
+    def attach_rescorer(self, scorer: Any) -> None:
+        """A second-pass scorer of finished hypotheses that a search mode reads as ``decoder.rescorer`` (TAMER's
+        structure score, ``decode.mode: tamer``); held outside ``_modules`` as in ``attach_output``."""
+        self.__dict__["rescorer"] = scorer
+
+    def _predicted(self, logits: torch.Tensor, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        output = self.__dict__.get("_output")
+        return logits if output is None else output.output_logits(hidden, inputs == self.pad_id)
 
     # --- what subclasses change ---------------------------------------------------------------------------------
     def _embed(self, inputs: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -214,8 +233,8 @@ class TransformerSequenceDecoder(SequenceDecoder):
                        memory_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = teacher_forcing_tensors(tokens, direction, self.sos_id, self.eos_id, self.pad_id,
                                                   memory.device)
-        logits, _ = self.decode(memory, memory_mask, inputs, memory_index=memory_index)
-        return logits, targets
+        logits, hidden = self.decode(memory, memory_mask, inputs, memory_index=memory_index)
+        return self._predicted(logits, hidden, inputs), targets
 
     def log_likelihood(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
                        direction: str = "l2r", memory_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,17 +249,17 @@ class TransformerSequenceDecoder(SequenceDecoder):
             rows = torch.tensor(chunk, dtype=torch.long, device=memory.device)
             inputs, targets = teacher_forcing_tensors([tokens[i] for i in chunk], direction, self.sos_id,
                                                       self.eos_id, self.pad_id, memory.device)
-            logits, _ = self._decode_rows(inputs, memory_k, memory_v, (~flat_mask)[:, None, None, :],
-                                          memory_mask.bool(), memory_index.index_select(0, rows))
-            scores[rows] = sequence_log_likelihood(logits, targets)
+            logits, hidden = self._decode_rows(inputs, memory_k, memory_v, (~flat_mask)[:, None, None, :],
+                                               memory_mask.bool(), memory_index.index_select(0, rows))
+            scores[rows] = sequence_log_likelihood(self._predicted(logits, hidden, inputs), targets)
         return scores
 
     def prefix_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor,
                       direction: str | Sequence[str] = "l2r") -> torch.Tensor:
         """Full pass over decoder inputs [N,t] as the official search runs it every step (benchmark mode). The
         start token the caller put first is all the direction changes."""
-        logits, _ = self.decode(memory, memory_mask, inputs)
-        return logits
+        logits, hidden = self.decode(memory, memory_mask, inputs)
+        return self._predicted(logits, hidden, inputs)
 
     # --- incremental decoding -----------------------------------------------------------------------------------
     def init_state(self, memory: torch.Tensor, memory_mask: torch.Tensor,
@@ -256,6 +275,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
         memory_k, memory_v = self._cross_key_values(flat)
         cross_mask = (~flat_mask)[:, None, None, :]
         n, device = memory.shape[0], memory.device
+        output = self.__dict__.get("_output")
         images = torch.arange(n, device=device)
         empty = [k.new_empty(n, self.nhead, 0, self.d_model // self.nhead) for k in memory_k]
         image_mask = memory_mask.bool()
@@ -265,6 +285,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
             row_image=images, layout=RowLayout.one_per_memory(n, device), self_k=empty, self_v=list(empty),
             self_pad=torch.zeros(n, 0, dtype=torch.bool, device=device), position=0,
             direction=direction if isinstance(direction, str) else directions,
+            output_state=None if output is None else output.init_output_state(n, device),
             **self._initial_row_state(n, image_mask))
 
     def step(self, state: TransformerDecoderState,
@@ -279,9 +300,14 @@ class TransformerSequenceDecoder(SequenceDecoder):
         cross = state.cross
         x, new_k, new_v = self._run_layers(x, cross.keys, cross.values, self_mask, cross.mask, state.layout, hook,
                                            past_k=state.self_k, past_v=state.self_v)
+        output = self.__dict__.get("_output")
+        if output is None:
+            logits, output_state = self.proj(x[:, 0]), None
+        else:
+            logits, output_state = output.step_output(x[:, 0], self_pad, state.output_state)
         state = replace(state, self_k=new_k, self_v=new_v, self_pad=self_pad, position=state.position + 1,
-                        **self._step_updates(hook))
-        return self.proj(x[:, 0]), state
+                        output_state=output_state, **self._step_updates(hook))
+        return logits, state
 
     def reorder_state(self, state: TransformerDecoderState, index: torch.Tensor) -> TransformerDecoderState:
         """Keep/duplicate rows: row i of the result is row ``index[i]`` of ``state`` (beam search bookkeeping).
@@ -301,4 +327,6 @@ class TransformerSequenceDecoder(SequenceDecoder):
         layout = RowLayout.of(torch.searchsorted(images, row_image), images.numel())
         return replace(state, cross=cross, row_image=row_image, layout=layout,
                        self_k=[pick(t) for t in state.self_k], self_v=[pick(t) for t in state.self_v],
-                       self_pad=pick(state.self_pad), **self._reorder_rows(state, index))
+                       self_pad=pick(state.self_pad), **self._reorder_rows(state, index),
+                       output_state=None if state.output_state is None
+                       else self.__dict__["_output"].reorder_output_state(state.output_state, index))

@@ -11,6 +11,8 @@ hypotheses are rescored (:mod:`.rescoring`) and which one wins - all on the one 
 - ``comer``: the official CoMER search: L2R and R2L beams of every image in one batch with HF ``BeamSearchScorer``
   semantics (:class:`~.policies.HFFinishing`), every hypothesis rated by the opposite direction
   (``-sum CE / len**alpha``), the best of the 2 x beam by the sum of both.
+- ``tamer``: ``comer``, plus the structure score of the ``tree_structure`` head (the decoder's ``rescorer``) and
+  hypotheses whose LaTeX has no tree dropped.
 
 A new mode is a function ``(decoder, memory, mask, config, *, sos_id, eos_id, pad_id, stepper) ->
 list[SearchResult]`` registered with ``@SEARCH_MODES.register("name")``.
@@ -137,11 +139,32 @@ def comer_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, 
     return [choose_best_total(found, config.alpha) for found in per_image]
 
 
+def tamer_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *,
+                 sos_id: int, eos_id: int, pad_id: int | None = None, stepper: Any = None) -> list[SearchResult]:
+    """TAMER: CoMER's search and rating, plus each hypothesis's structure score from the decoder's ``rescorer`` (the
+    ``tree_structure`` head); hypotheses whose LaTeX has no tree (illegal) score -inf. Best by the sum."""
+    scorer = getattr(decoder, "rescorer", None)
+    if scorer is None:
+        raise ValueError("decode.mode tamer adds the structure score of a tree_structure head, and this model has "
+                         "none; use decode.mode comer")
+    results = comer_search(decoder, memory, memory_mask, config, sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
+                           stepper=stepper)
+    hyps = [h for r in results for h in r.hypotheses]
+    rows = torch.tensor([i for i, r in enumerate(results) for _ in r.hypotheses], device=memory.device)
+    structure, illegal = scorer.score_hypotheses(decoder, memory, memory_mask, [h.tokens for h in hyps], rows)
+    total = torch.tensor([h.score for h in hyps], dtype=torch.float32) + structure
+    total = total.masked_fill(torch.tensor(illegal, dtype=torch.bool), float("-inf"))
+    for h, value in zip(hyps, total.tolist()):
+        h.score = value
+    return [choose_best_total(r.hypotheses, config.alpha) for r in results]
+
+
 SEARCH_MODES.add("l2r", one_direction("l2r"))
 SEARCH_MODES.add("r2l", one_direction("r2l"))
 SEARCH_MODES.add("bttr", bttr_search)
 SEARCH_MODES.add("abm", abm_direction("l2r"))
 SEARCH_MODES.add("comer", comer_search)
+SEARCH_MODES.add("tamer", tamer_search)
 
 
 def search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, config: DecodeConfig, *, sos_id: int,
