@@ -68,6 +68,9 @@ class HMERModel(nn.Module):
     def forward(self, batch: Batch) -> dict[str, Any]:
         memory, mask = self.encode(batch.images, batch.image_mask)
         out = self.decoder(memory, mask, batch.tokens)
+        # heads that read the image memory themselves (e.g. counting on any encoder) find it here
+        out.extras.setdefault("memory", memory)
+        out.extras.setdefault("memory_mask", mask)
         losses: dict[str, torch.Tensor] = {}
         _collect(losses, "ce", self.loss(out, batch))
         for name, head in self.heads.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from hmerzoo.convert import convert, families_of
 from hmerzoo.convert.can import convert_state_dict_can
 from hmerzoo.errors import CheckpointError
 from hmerzoo.heads.counting import CountingHead, counting_targets
-from hmerzoo.sequence import teacher_forcing_tensors
+from hmerzoo.sequence import DecoderOutput, teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
 from parity_harness import step_logits
 
@@ -219,3 +220,60 @@ def test_train_can_recipe(sample_root: Path, tmp_path: Path) -> None:
     model = hmerzoo.load_model(run)
     assert model.vocab.eos_id == 0 and model.vocab.sos_id == 1 and "counting" in model.heads
     assert model.recognize(torch.rand(1, 40, 60), max_len=4)[0].latex is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the counting head on any encoder: CoMER + counting (recipes/comer_count.yaml)
+COMER_TINY = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck.d_model=32",
+              "model.decoder.d_model=32", "model.decoder.num_layers=2", "model.decoder.dim_feedforward=64",
+              "model.decoder.nhead=4", "model.decoder.dc=8", "model.heads.counting.channels=32"]
+
+
+def test_own_counter_reads_the_memory_in_either_layout() -> None:
+    vocab = _vocab(r"x 2 ^ { }")
+    torch.manual_seed(0)
+    head = CountingHead(vocab, counter="own", d_model=8, channels=16).eval()
+    memory = torch.randn(2, 3, 5, 8)  # channels last, as a neck's output
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool)
+    mask[1, :, 3:] = True
+    batch = Batch(images=torch.zeros(2, 1, 48, 80), image_mask=torch.zeros(2, 48, 80, dtype=torch.bool),
+                  tokens=[vocab.encode("x ^ { 2 }"), vocab.encode("x x")])
+    out = DecoderOutput(logits=torch.zeros(2, 1, len(vocab)), targets=torch.zeros(2, 1, dtype=torch.long),
+                        extras={"memory": memory, "memory_mask": mask})
+    loss = head(out, batch)["counting"]
+    counts = head.counting(memory.permute(0, 3, 1, 2), mask)[0]
+    target = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 2, 0, 0, 0, 0]], dtype=torch.float32)
+    expected = sum(F.smooth_l1_loss(c, target) for c in [*counts, (counts[0] + counts[1]) / 2])
+    torch.testing.assert_close(loss, expected)
+    out.extras["memory"] = memory.permute(0, 3, 1, 2)  # channels first: the same counts
+    torch.testing.assert_close(head(out, batch)["counting"], expected)
+    with pytest.raises(ValueError, match="no axis of 8 channels"):
+        head(DecoderOutput(logits=out.logits, targets=out.targets,
+                           extras={"memory": torch.randn(2, 4, 3, 5), "memory_mask": mask}), batch)
+
+
+@pytest.mark.slow
+def test_train_comer_count_recipe(sample_root: Path, tmp_path: Path) -> None:
+    from hmerzoo.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", str(REPO / "recipes/comer_count.yaml"), f"data.root={sample_root}", "data.num_workers=0",
+                 "data.val_holdout=2", "data.train_limit=4", "data.batch_size=2", "train.epochs=1",
+                 "train.val_max_len=3", "train.log_every=1", f"train.run_dir={run}", *COMER_TINY])
+    assert code in (0, None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if any(k.endswith("counting") for k in r)]
+    assert len(steps) == 2 and all(math.isfinite(v) and v > 0 for r in steps for k, v in r.items()
+                                   if k.endswith("counting"))
+    model = hmerzoo.load_model(run)
+    assert model.heads["counting"].counter == "own" and type(model.decoder).__name__ == "CoMERDecoder"
+
+
+def test_listed(capsys) -> None:
+    from hmerzoo.cli import main
+
+    assert main(["list", "recipes"]) == 0
+    recipes = capsys.readouterr().out
+    assert re.search(r"^\s*can\b", recipes, flags=re.MULTILINE) and "comer_count" in recipes
+    assert main(["list", "heads"]) == 0
+    assert "counting" in capsys.readouterr().out

@@ -8,8 +8,14 @@ Official ``counting_utils.gen_counting_label`` and ``models/can.py``:
 - the loss is ``SmoothL1(c1, y) + SmoothL1(c2, y) + SmoothL1((c1 + c2) / 2, y)`` (mean over batch and classes),
   one term per counting branch plus one for their mean, each of weight 1 (``weight`` scales the sum).
 
-The counts come from the decoder's ``extras["counting"]`` (the list of branch counts [B,V]): CAN's decoder
-(``decoders/can.py``) holds the counting module because its output layer reads the counts.
+Where the counts come from (``counter``):
+
+- ``decoder``: the decoder's ``extras["counting"]`` (the list of branch counts [B,V]). CAN's decoder
+  (``decoders/can.py``) holds the counting module because its output layer reads the counts;
+- ``own``: the head holds a counting module (:class:`~hmerzoo.layers.multiscale_counting.MultiScaleCounting`) on
+  the image memory the model hands to every head (``extras["memory"]``, channels-last [B,h,w,d] after a neck or
+  channels-first [B,C,h,w]), so counting is an auxiliary task for any encoder and decoder (CoMER + counting:
+  ``recipes/comer_count.yaml``). Its counts then only train the encoder through this loss.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..batch import Batch
+from ..layers.multiscale_counting import MultiScaleCounting
 from ..registry import HEADS
 from ..sequence import DecoderOutput, to_device
 from ..vocab import Vocabulary
@@ -41,15 +48,28 @@ def counting_targets(tokens: Sequence[Sequence[int]], classes: int, ignore_ids: 
 
 @HEADS.register("counting")
 class CountingHead(nn.Module):
-    """Smooth-L1 counting loss on the decoder's counting branches (``output.extras["counting"]``).
+    """Smooth-L1 counting loss on counting branches: the decoder's, or the head's own (see the module docstring).
 
     ``weight``: scales the summed loss (official: 1). ``ignore_tokens``: tokens never counted, besides the
     vocabulary's pad/sos/eos (default: the structural ``{ } ^ _``); tokens the vocabulary lacks are skipped.
+    ``counter``: ``decoder`` | ``own``; with ``own``: ``in_channels`` (the memory's channels; default: the
+    decoder's d_model, which a neck's output has), ``kernel_sizes`` (3, 5) and ``channels`` (512) of the module.
     """
 
-    def __init__(self, vocab: Vocabulary, weight: float = 1.0, ignore_tokens: Sequence[str] | None = None):
+    def __init__(self, vocab: Vocabulary, weight: float = 1.0, ignore_tokens: Sequence[str] | None = None,
+                 counter: str = "decoder", d_model: int | None = None, in_channels: int | None = None,
+                 kernel_sizes: Sequence[int] = (3, 5), channels: int = 512):
         super().__init__()
+        if counter not in ("decoder", "own"):
+            raise ValueError(f"counting head: counter must be 'decoder' or 'own', got {counter!r}")
         self.weight = weight
+        self.counter = counter
+        self.counting: MultiScaleCounting | None = None
+        if counter == "own":
+            in_channels = in_channels or d_model
+            if not in_channels:
+                raise ValueError("counting head: counter 'own' needs in_channels (the memory's channels)")
+            self.counting = MultiScaleCounting(in_channels, len(vocab), kernel_sizes, channels)
         self.classes = len(vocab)
         tokens = STRUCTURAL_TOKENS if ignore_tokens is None else tuple(ignore_tokens)
         self.ignore_tokens = list(tokens)
@@ -59,8 +79,22 @@ class CountingHead(nn.Module):
     def targets(self, tokens: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
         return to_device(counting_targets(tokens, self.classes, self.ignore_ids), device)
 
+    def own_counts(self, output: DecoderOutput) -> list[torch.Tensor]:
+        assert self.counting is not None
+        memory, mask = output.extras.get("memory"), output.extras.get("memory_mask")
+        if memory is None or memory.dim() != 4:
+            raise ValueError("counting head: counter 'own' needs the image memory as a 4-D map "
+                             "(DecoderOutput.extras['memory'], [B,h,w,d] or [B,C,h,w])")
+        channels = self.counting.branches[0].trans_layer[0].in_channels
+        if memory.shape[1] != channels and memory.shape[-1] == channels:
+            memory = memory.permute(0, 3, 1, 2)  # a neck's channels-last memory
+        if memory.shape[1] != channels:
+            raise ValueError(f"counting head: the memory {tuple(memory.shape)} has no axis of {channels} channels; "
+                             "set in_channels to its channel count")
+        return self.counting(memory, mask)[0]
+
     def forward(self, output: DecoderOutput, batch: Batch) -> dict[str, torch.Tensor]:
-        branches = output.extras.get("counting")
+        branches = self.own_counts(output) if self.counting is not None else output.extras.get("counting")
         if not branches:
             raise ValueError("counting head: the decoder returned no counts (DecoderOutput.extras['counting']); it "
                              "needs a decoder with a counting module (can)")
@@ -73,4 +107,4 @@ class CountingHead(nn.Module):
         return {"counting": self.weight * loss}
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, ignore_tokens={self.ignore_tokens}"
+        return f"weight={self.weight}, counter={self.counter}, ignore_tokens={self.ignore_tokens}"
