@@ -274,6 +274,6 @@ def test_listed(capsys) -> None:
 
     assert main(["list", "recipes"]) == 0
     recipes = capsys.readouterr().out
-    assert re.search(r"^\s*can\b", recipes, flags=re.MULTILINE) and "comer_count" in recipes
+    assert re.search(r"[│|]\s*can\s*[│|]", recipes) and re.search(r"[│|]\s*comer_count\s*[│|]", recipes)
     assert main(["list", "heads"]) == 0
     assert "counting" in capsys.readouterr().out
