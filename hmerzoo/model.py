@@ -9,6 +9,7 @@ the decoder contract: decoders/base.py).
                                decoder.reorder_state(state, index [N']) -> state
     loss    : loss(output, batch) -> tensor or {name: tensor}      (the main objective)
     heads   : head(output, batch) -> tensor or {name: tensor}      (auxiliary tasks; each builds its own targets)
+              output.extras["memory"/"memory_mask"]: the image memory, for heads that read it (counting)
 
 ``HMERModel.forward(batch)`` returns ``{"loss": scalar, "losses": {name: scalar}}``; the trainer only ever
 uses that, so it never needs to know which model it trains.
