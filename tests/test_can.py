@@ -277,3 +277,28 @@ def test_listed(capsys) -> None:
     assert re.search(r"[│|]\s*can\s*[│|]", recipes) and re.search(r"[│|]\s*comer_count\s*[│|]", recipes)
     assert main(["list", "heads"]) == 0
     assert "counting" in capsys.readouterr().out
+
+
+def test_training_step_reads_the_host_once(sample_root: Path) -> None:
+    """Like the shipped recipes (test_train_syncs.py): the decoder, counting module and counting head add no host
+    sync to train_step's one read of the losses."""
+    from benchmark_modules import load_benchmark
+    from hmerzoo.builder import build_component
+    from hmerzoo.recipe import load_recipe
+    from hmerzoo.registry import OPTIMIZERS
+    from hmerzoo.runtime import seed_everything
+    from hmerzoo.training import train_step
+
+    syncs = load_benchmark("syncs")
+    seed_everything(0)
+    recipe = load_recipe(REPO / "recipes/can.yaml", [f"data.root={sample_root}", *TINY])
+    model = build_model(recipe, validate=False)
+    batch = syncs.small_batch(sample_root, recipe, 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_component(OPTIMIZERS, recipe["optim"], "optim", {"params": params})
+    model.train()
+    for step in (1, 2):  # the first is a warm-up
+        with syncs.Counter() as counter:
+            train_step(model, batch, optimizer, params, torch.device("cpu"), "fp32", grad_clip=100.0, step=step)
+    assert counter.total <= 1, counter.summary()
+    assert [e.where.split(":")[0] for e in counter.events if e.kind == "read"] == ["hmerzoo/training/step.py"]
