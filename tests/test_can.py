@@ -76,7 +76,7 @@ def fixture(tmp_path_factory: pytest.TempPathFactory) -> dict:
         mask[i, :image.shape[1], :image.shape[2]] = False
     lengths = golden["input.labels_mask"].sum(1).long().tolist()
     tokens = [row[:n - 1] for row, n in zip(golden["input.labels"].tolist(), lengths)]  # without the eos
-    return {"dir": out, "model": hmerzoo.load_model(out), "golden": golden, "official": official, "images": images,
+    return {"dir": out, "pth": tmp / "CAN_WordRate-0.9_ExpRate-0.5_1.pth", "model": hmerzoo.load_model(out), "golden": golden, "official": official, "images": images,
             "x": x, "mask": mask, "tokens": tokens, "meta": json.loads((GOLDENS / "meta.json").read_text())}
 
 
@@ -176,6 +176,12 @@ def test_converter_round_trip(fixture: dict, tmp_path: Path) -> None:
     renamed = convert_state_dict_can(official)
     assert set(saved) == set(renamed)
     assert all(torch.equal(saved[k], renamed[k]) for k in renamed)
+    # the CLI on the official .pth (words_dict.txt beside it)
+    from hmerzoo.cli import main
+
+    assert main(["convert", "can", str(fixture["pth"]), "--out", str(tmp_path / "cli")]) in (0, None)
+    cli = hmerzoo.load_model(tmp_path / "cli").state_dict()
+    assert all(torch.equal(cli[k], saved[k]) for k in saved)
     # .safetensors with the official keys, --dictionary given, DataParallel's 'module.' prefix accepted
     from safetensors.torch import save_file
 
