@@ -9,6 +9,7 @@ the decoder contract: decoders/base.py).
                                decoder.reorder_state(state, index [N']) -> state
     loss    : loss(output, batch) -> tensor or {name: tensor}      (the main objective)
     heads   : head(output, batch) -> tensor or {name: tensor}      (auxiliary tasks; each builds its own targets)
+              output.extras["memory"/"memory_mask"]: the image memory, for heads that read it (counting)
 
 ``HMERModel.forward(batch)`` returns ``{"loss": scalar, "losses": {name: scalar}}``; the trainer only ever
 uses that, so it never needs to know which model it trains.
@@ -68,6 +69,9 @@ class HMERModel(nn.Module):
     def forward(self, batch: Batch) -> dict[str, Any]:
         memory, mask = self.encode(batch.images, batch.image_mask)
         out = self.decoder(memory, mask, batch.tokens)
+        # heads that read the image memory themselves (e.g. counting on any encoder) find it here
+        out.extras.setdefault("memory", memory)
+        out.extras.setdefault("memory_mask", mask)
         losses: dict[str, torch.Tensor] = {}
         _collect(losses, "ce", self.loss(out, batch))
         for name, head in self.heads.items():

@@ -19,6 +19,7 @@ from hmerzoo.builder import build_model
 from hmerzoo.cli import main
 from hmerzoo.convert import CONVERTERS, convert, families_of
 from hmerzoo.convert.abm import ABM_BRANCHES, ABM_PACKED, ABM_RENAMES
+from hmerzoo.convert.can import CAN_PREFIXES
 from hmerzoo.convert.bttr import BTTR_PREFIXES
 from hmerzoo.convert.comer import COMER_PREFIXES
 from hmerzoo.convert.hmer_mtl import HMER_MTL_PREFIXES
@@ -28,7 +29,8 @@ from hmerzoo.errors import CheckpointError
 from hmerzoo.registry import Registry
 from hmerzoo.vocab import Vocabulary
 
-FAMILIES = {"bttr": "BTTR", "comer": "CoMER", "hmer_mtl": "HMER-MTL", "abm": "ABM", "ical": "ICAL", "tamer": "TAMER"}
+FAMILIES = {"bttr": "BTTR", "comer": "CoMER", "hmer_mtl": "HMER-MTL", "abm": "ABM", "ical": "ICAL", "tamer": "TAMER",
+            "can": "CAN"}
 TRANSFORMER = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck.d_model=32",
                "model.decoder.d_model=32", "model.decoder.num_layers=2", "model.decoder.dim_feedforward=64"]
 TINY = {
@@ -39,12 +41,17 @@ TINY = {
     "tamer": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8", "model.heads.structure.dim_feedforward=64"],
     "abm": ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.decoder.hidden_size=16",
             "model.decoder.embed_dim=8", "model.decoder.attention_dim=16", "model.decoder.coverage_channels=8"],
+    "can": ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.decoder.hidden_size=16",
+            "model.decoder.embed_dim=8", "model.decoder.attention_dim=16", "model.decoder.coverage_channels=8",
+            "model.decoder.counting_channels=32"],
 }
+# vocabularies that list their start/stop tokens themselves (ABM: 'sos 0', 'eos 1'; CAN: 'eos', 'sos' lines)
+OWN_SPECIALS = {"abm", "can"}
 # the Lightning attribute that holds the model in each official checkpoint
 LIGHTNING_PREFIX = {"bttr": "bttr.", "comer": "comer_model.", "hmer_mtl": "comer_model.", "abm": "", "ical": "ical_model.",
-                    "tamer": "tamer_model."}
+                    "tamer": "tamer_model.", "can": ""}
 PREFIX_TABLES = {"bttr": BTTR_PREFIXES, "comer": COMER_PREFIXES, "hmer_mtl": HMER_MTL_PREFIXES, "ical": ICAL_PREFIXES,
-                 "tamer": TAMER_PREFIXES}
+                 "tamer": TAMER_PREFIXES, "can": CAN_PREFIXES}
 SPACE_FAMILIES = ("hmer_mtl", "ical")  # vocabularies with <space> = 3
 
 
@@ -88,6 +95,8 @@ def dictionary(folder: Path, name: str, n: int = 12) -> Path:
     path = folder / "dictionary.txt"
     if name == "abm":  # ABM's own format: 'token<TAB>id', sos and eos listed first
         path.write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(["sos", "eos"] + [f"t{i}" for i in range(n)])))
+    elif name == "can":  # CAN's words_dict.txt: one token per line, eos and sos first
+        path.write_text("".join(f"{t}\n" for t in ["eos", "sos"] + [f"t{i}" for i in range(n)]))
     else:
         path.write_text("".join(f"t{i}\n" for i in range(n)))
     return path
@@ -95,7 +104,7 @@ def dictionary(folder: Path, name: str, n: int = 12) -> Path:
 
 def tiny_model(name: str, folder: Path) -> hmerzoo.model.HMERModel:
     path = dictionary(folder, name)
-    if name == "abm":
+    if name in OWN_SPECIALS:
         vocab = Vocabulary.from_dictionary(str(path), [], roles={"sos": "sos", "eos": "eos"})
     else:
         specials = ["<pad>", "<sos>", "<eos>"] + (["<space>"] if name in SPACE_FAMILIES else [])
@@ -133,8 +142,9 @@ def test_every_parameter_of_the_shipped_recipes_has_an_official_key(tmp_path: Pa
         folder = tmp_path / name
         folder.mkdir()
         path = dictionary(folder, name, 110)
-        specials = [] if name == "abm" else ["<pad>", "<sos>", "<eos>"] + (["<space>"] if name in SPACE_FAMILIES else [])
-        roles = {"sos": "sos", "eos": "eos"} if name == "abm" else None
+        specials = ([] if name in OWN_SPECIALS
+                    else ["<pad>", "<sos>", "<eos>"] + (["<space>"] if name in SPACE_FAMILIES else []))
+        roles = {"sos": "sos", "eos": "eos"} if name in OWN_SPECIALS else None
         model = build_model(name, vocab=Vocabulary.from_dictionary(str(path), specials, roles=roles))
         state = model.state_dict()
         converted = CONVERTERS.get(name)().convert(official_state(name, state), path, {}).state

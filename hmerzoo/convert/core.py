@@ -23,6 +23,7 @@ from ..registry import CONVERTERS
 from ..vocab import Vocabulary
 
 DICTIONARY_FILE = "dictionary.txt"
+CAN_WORDS_FILE = "words_dict.txt"  # CAN's name for its vocabulary file
 
 
 @dataclass
@@ -90,6 +91,8 @@ def read_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.T
         raise CheckpointError(f"{path}: expected a checkpoint dict or a state dict, got {type(obj).__name__}")
     hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), dict) else {}
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+    if state is obj and isinstance(obj.get("model"), dict):
+        state = obj["model"]  # CAN's save_checkpoint: {'model': state_dict} (and maybe 'optimizer')
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors (keys: {', '.join(map(str, list(state)[:8]))}); expected a "
@@ -115,6 +118,8 @@ def find_dictionary(official_path: Path, dictionary: str | os.PathLike | None) -
             raise CheckpointError(f"dictionary {d}: no such file")
         return d
     d = official_path.parent / DICTIONARY_FILE
+    if not d.is_file() and (official_path.parent / CAN_WORDS_FILE).is_file():
+        d = official_path.parent / CAN_WORDS_FILE
     if not d.is_file():
         raise CheckpointError(f"{official_path}: no {DICTIONARY_FILE} beside it; pass the vocabulary file the model "
                               "was trained with (--dictionary PATH, e.g. the official repo's "
