@@ -235,15 +235,18 @@ def test_list_converters(capsys) -> None:
 # the real official files (parity fixtures)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_official_fixture_given_to_every_other_converter(parity_dir: Path, tmp_path: Path, name: str) -> None:
-    # ICAL's and TAMER's generated goldens are committed (tests/goldens/), the others are in ../shared
+    # the goldens generated here (ICAL, TAMER, CAN) are committed in tests/goldens/, the others are in ../shared
     goldens = Path(__file__).resolve().parent / "goldens"
-    folder = goldens / name if name in ("ical", "tamer") else parity_dir / name
+    folder = goldens / name if (goldens / name).is_dir() else parity_dir / name
     source = folder / "state_dict.safetensors"
     if not source.is_file():
         pytest.skip(f"{name} parity fixtures not found in {source.parent}")
     path = tmp_path / f"{name}_checkpoint.safetensors"
     shutil.copy(source, path)
-    shutil.copy(source.parent / "dictionary.txt", tmp_path / "dictionary.txt")
+    words = source.parent / "dictionary.txt"
+    if not words.is_file():  # CAN's own name for it
+        words = source.parent / "words_dict.txt"
+    shutil.copy(words, tmp_path / words.name)
     for other in FAMILIES:
         if other == name:
             continue
