@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..decoders.abm import ABMDecoder
-from ..decoders.comer import CoMERDecoder
+from ..decoders.comer import CoMERDecoder, _IncrementalCoverage
 from ..decoders.transformer import TransformerSequenceDecoder
 
 
@@ -80,7 +80,8 @@ class TransformerStep(nn.Module):
         if self.coverage:
             state = SimpleNamespace(image_mask=image_mask, row_image=torch.arange(tokens.shape[0]),
                                     raw_sum=list(caches[4 * n:5 * n]), used_sum=list(caches[5 * n:6 * n]))
-            hook = d._layer_hook(None, state)  # type: ignore[arg-type]
+            # the hook decoder.step uses, on a state holding just what it reads
+            hook = _IncrementalCoverage(d, state)  # type: ignore[arg-type]
         x, new_k, new_v = d._run_layers(x, cross_k, cross_v, (~self_pad)[:, None, None, :],
                                         cross_valid[:, None, None, :], None, hook, past_k=self_k, past_v=self_v)
         out = [d.proj(x[:, 0]), self_pad, *new_k, *new_v]
@@ -106,6 +107,11 @@ class ABMStep(nn.Module):
     def __init__(self, decoder: ABMDecoder, direction: str):
         super().__init__()
         self.branch = decoder.branch(direction)
+        # the fused coverage kernel, built once as init_state does; as buffers it is a constant of known shape
+        # (the exporter cannot convolve with a kernel computed inside the graph)
+        weight, bias = self.branch.attention.coverage_kernel()
+        self.register_buffer("kernel_weight", weight.detach().clone(), persistent=False)
+        self.register_buffer("kernel_bias", bias.detach().clone(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, coverage: torch.Tensor, memory: torch.Tensor,
                 keys: torch.Tensor, memory_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,7 +119,7 @@ class ABMStep(nn.Module):
         embedded = branch.embedding(tokens)
         h1 = branch.gru1(hidden, branch.gru1_input(embedded))
         context, attention = branch.attention(h1, memory, keys, memory_mask, coverage,
-                                              branch.attention.coverage_kernel())
+                                              (self.kernel_weight, self.kernel_bias))
         h2 = branch.gru2(h1, context)
         return branch.output(context, h2, embedded), h2, coverage + attention
 
