@@ -85,8 +85,12 @@ def plot_runs(runs: Sequence[RunCurves], title: str | None = None) -> Any:
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if key == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if key == "lr" and ax.lines:
+            # runs compared often differ by orders of magnitude in lr (Adadelta 1.0, AdamW 1e-3): log scale
+            if min(float(min(line.get_ydata())) for line in ax.lines) > 0:
+                ax.set_yscale("log")
+            else:
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {key} in any run", transform=ax.transAxes, ha="center", va="center",
                     color="gray")
