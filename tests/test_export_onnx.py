@@ -23,7 +23,7 @@ from hmerzoo.export import export_onnx, load_onnx_model  # noqa: E402
 
 SCORE_TOL = 1e-4
 # small beams keep the tests short; ABM's L2R beam can run long, so its length is capped
-DECODE = {"bttr": {"beam_size": 3}, "comer": {"beam_size": 3}, "hmer_mtl": {"beam_size": 3},
+DECODE = {"bttr": {"beam_size": 2}, "comer": {"beam_size": 2}, "hmer_mtl": {"beam_size": 2},
           "abm": {"beam_size": 2, "max_len": 40}}
 _EXPORTED: dict[str, Path] = {}
 
