@@ -19,7 +19,7 @@ from hmerzoo.decoding.recognize import image_tensors
 from parity_harness import load_fixture
 
 SYSTEMS = ["bttr", "comer", "hmer_mtl", "abm"]
-DECODE = {"beam_size": 2}  # a small beam keeps the test short; the pictures follow whatever hypothesis won
+DECODE = {"beam_size": 2, "max_len": 60}  # short searches; the pictures follow whatever hypothesis won
 
 
 def system_fixture(parity_dir: Path, system: str, tmp_path_factory) -> dict:
