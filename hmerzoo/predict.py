@@ -129,14 +129,25 @@ def predict_files(model: Any, paths: Sequence[str], decode: dict[str, Any],
 
 def run_predict(model_path: str, images: Sequence[str], directory: str | None = None, beam_size: int | None = None,
                 as_json: bool = False, device: str = "auto", mode: str | None = None, max_len: int | None = None,
-                out: IO[str] | None = None, err: IO[str] | None = None) -> int:
-    """The ``hmerzoo predict`` command; returns the exit status (0, or 1 when some image failed)."""
+                out: IO[str] | None = None, err: IO[str] | None = None, attention: str | None = None,
+                backend: str = "torch") -> int:
+    """The ``hmerzoo predict`` command; returns the exit status (0, or 1 when some image failed).
+
+    ``attention``: a directory for attention pictures (:mod:`hmerzoo.attention_maps`) of every recognised image.
+    ``backend``: ``torch``, or ``onnxruntime`` with ``model_path`` an ONNX export (:mod:`hmerzoo.export`)."""
     from .builder import load_model
 
     out = out or sys.stdout
     err = err or sys.stderr
     paths = collect_images(images, directory)  # before loading the model: a wrong --dir fails fast
-    model = load_model(model_path, map_location=resolve_device(device))
+    if backend == "onnxruntime":
+        if attention is not None:
+            raise HmerzooError("--attention needs the torch backend (the ONNX graphs return no attention maps)")
+        from .export.runtime import load_onnx_model
+
+        model = load_onnx_model(model_path)
+    else:
+        model = load_model(model_path, map_location=resolve_device(device))
     decode = decode_settings(model, beam_size=beam_size, mode=mode, max_len=max_len)
     failed = 0
     with runtime.inference_settings():  # TF32 matmuls on GPUs that have them
@@ -148,7 +159,15 @@ def run_predict(model_path: str, images: Sequence[str], directory: str | None = 
                 print(json.dumps(prediction.to_json(), ensure_ascii=False), file=out, flush=True)
             elif prediction.error is None:
                 print(f"{prediction.image}\t{prediction.latex}", file=out, flush=True)
+            if attention is not None and prediction.error is None:
+                _write_attention(model, prediction.image, Path(attention), len(paths) > 1, decode)
     if failed:
         print(f"{failed} of {len(paths)} images could not be read", file=err, flush=True)
         return EXIT_SOME_FAILED
     return 0
+
+
+def _write_attention(model: Any, image: str, folder: Path, per_image: bool, decode: dict[str, Any]) -> None:
+    from .attention_maps import write_attention
+
+    write_attention(model, image, folder / Path(image).stem if per_image else folder, decode)

@@ -1,4 +1,4 @@
-"""The ``hmerzoo`` command line: train, eval, predict, list, config, convert, data, demo.
+"""The ``hmerzoo`` command line: train, eval, predict, list, config, convert, data, plot, export, demo.
 
 Each module of this package defines a group of verbs and adds them with ``add_parsers(sub)``; a new verb goes in
 the module of its group (or a new module listed in ``VERB_MODULES``).
@@ -15,12 +15,12 @@ import sys
 from typing import Sequence
 
 from ..errors import HmerzooError
-from . import data, demo, models, recipes
+from . import data, demo, front, models, recipes
 from .common import console as _console
 from .recipes import LIST_KINDS  # noqa: F401  (re-exported: the kinds 'hmerzoo list' knows)
 
 # The order is the order of 'hmerzoo --help'.
-VERB_MODULES = (recipes, models, data, demo)
+VERB_MODULES = (recipes, models, data, front, demo)
 
 
 class IntermixedParser(argparse.ArgumentParser):

@@ -29,7 +29,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import_user_modules(args.imports)
     return run_predict(args.model, args.images, directory=args.dir, beam_size=args.beam, as_json=args.json,
-                       device=args.device, mode=args.mode, max_len=args.max_len)
+                       device=args.device, mode=args.mode, max_len=args.max_len, attention=args.attention,
+                       backend=args.backend)
 
 
 def add_parsers(sub) -> None:
@@ -58,6 +59,12 @@ def add_parsers(sub) -> None:
     pr.add_argument("--dir", default=None, metavar="DIR", help="also every image file in DIR, sorted by name")
     pr.add_argument("--json", action="store_true",
                     help="one JSON object per line: image, latex, tokens, score (or image, error)")
+    pr.add_argument("--attention", default=None, metavar="DIR",
+                    help="also write attention pictures into DIR: one PNG per output token and strip.png "
+                         "(DIR/<image name>/ when several images are given)")
+    pr.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                    help="torch: MODEL is a run or model directory; onnxruntime: MODEL is a directory written by "
+                         "'hmerzoo export --format onnx' (needs the [onnx] extra)")
     add_decode(pr)
     pr.set_defaults(func=cmd_predict)
 

@@ -66,6 +66,8 @@ def refined_cross_attention(refine: Refiner | None) -> CrossAttention:
 
         raw = masked_softmax(scores)
         used = raw if refine is None else masked_softmax(scores - refine(raw))
+        if attn.recorded is not None:  # attention pictures: the refined map is the one the values are read with
+            attn.recorded.append(used.detach())
         if layout is None:
             out = torch.matmul(used.to(v.dtype), v)
         else:

@@ -26,6 +26,9 @@ class MultiheadAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
+        # off (None) unless a caller wants the attention maps (attention pictures): a list that ``attend`` appends
+        # each call's weights [N,H,L,S] to. Not a parameter or buffer, so the state_dict is unchanged.
+        self.recorded: list[torch.Tensor] | None = None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -63,6 +66,8 @@ class MultiheadAttention(nn.Module):
         torch's MultiheadAttention does with BTTR's bool masks.
         """
         dropout_p = self.dropout if self.training else 0.0
+        if self.recorded is not None:
+            self.recorded.append(attention_weights(q, k, mask).detach())
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p))
 
     def attend_grouped(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -89,3 +94,12 @@ class MultiheadAttention(nn.Module):
         if layout is None:
             return self.attend(self.project_query(x), k, v, mask)
         return self.attend_grouped(x, k, v, mask, layout)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The weights SDPA uses (no dropout): softmax(q k^T / sqrt(hd)) with the bool mask (True = may attend),
+    [N,H,L,S]; SDPA itself never returns them."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1)
