@@ -15,6 +15,7 @@ attention network in front of the decoder) adds ``attention_network.png``.
 """
 from __future__ import annotations
 
+import io
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,6 +140,23 @@ def write_attention(model: Any, image: Any, out_dir: str | Path, decode: dict | 
         captioned(overlay(background, focus), "attention network").save(path)
         pictures.files.append(path)
     return pictures
+
+
+def attention_strip_png(model: Any, image: torch.Tensor, recognition: Any) -> bytes | None:
+    """The contact strip of a recognition's token maps as PNG bytes (the demo page's picture), or None where the
+    decoder records no attention or nothing was recognised. ``image``: [1,h,w] as ``image_tensors`` makes it."""
+    if not recognition.tokens or not isinstance(model.decoder, (TransformerSequenceDecoder, ABMDecoder)):
+        return None
+    # the direction of the hypothesis that was chosen (two-direction modes rank both beams together)
+    direction = next((h.direction for h in recognition.hypotheses if list(h.tokens) == list(recognition.tokens)),
+                     model.decoder.capabilities.directions[0])
+    found = token_attention(model, image, list(recognition.tokens), direction)
+    background = image[0].cpu().numpy()
+    tiles = [captioned(overlay(background, amap), f"{i + 1}: {token}")
+             for i, (token, amap) in enumerate(zip(found.tokens, found.maps))]
+    buffer = io.BytesIO()
+    contact_strip(tiles, f"{found.direction.upper()}: " + " ".join(found.tokens)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # --- pictures ----------------------------------------------------------------------------------------------------

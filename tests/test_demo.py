@@ -25,8 +25,10 @@ from PIL import Image
 
 from cdp import Browser, find_chromium
 from conftest import shared_dir
+from hmerzoo.attention_maps import attention_strip_png, token_attention
 from hmerzoo.cli import build_parser
 from hmerzoo.data.images import prepare_image, size_ranges_for_recipe
+from hmerzoo.decoding.recognize import image_tensors
 from hmerzoo.demo import make_server
 from hmerzoo.demo.server import STATIC_DIR
 from hmerzoo.demo.service import MAX_UPLOAD_BYTES
@@ -62,7 +64,8 @@ def reference(model, fixture_image):
 
 @pytest.fixture(scope="module")
 def server(model):
-    srv = make_server(model, "127.0.0.1", 0, decode=DECODE, name="bttr-fixture", quiet=True)
+    srv = make_server(model, "127.0.0.1", 0, decode=DECODE, name="bttr-fixture", quiet=True,
+                      attention=attention_strip_png)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -108,6 +111,23 @@ def assert_same_as_api(answer: dict, rec) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the server
+def test_the_answer_carries_the_attention_strip_of_the_chosen_hypothesis(server, model, fixture_image, reference):
+    status, answer = post(server, fixture_image.read_bytes())
+    assert status == 200, answer
+    header, _, payload = answer["attention"].partition(",")
+    assert header == "data:image/png;base64"
+    strip = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB"))
+    # the same picture as the strip drawn directly from the Python API's recognition of the same image
+    image = image_tensors([str(fixture_image)], model.recipe)[0]
+    expected = np.asarray(Image.open(io.BytesIO(attention_strip_png(model, image, reference))).convert("RGB"))
+    assert strip.shape == expected.shape and np.array_equal(strip, expected)
+    # one tile per recognised token: the maps it shows are the teacher-forced attention of those tokens
+    direction = next(h.direction for h in reference.hypotheses if list(h.tokens) == list(reference.tokens))
+    maps = token_attention(model, image, list(reference.tokens), direction).maps
+    assert maps.shape[0] == len(reference.tokens)
+    assert torch.allclose(maps.flatten(1).sum(1), torch.ones(len(reference.tokens)), atol=1e-4)
+
+
 def test_cli_parses_demo():
     args = build_parser().parse_args(["demo", "runs/x", "--port", "0", "--beam", "3"])
     assert (args.model, args.host, args.port, args.beam) == ("runs/x", "127.0.0.1", 0, 3)
@@ -184,7 +204,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_the_server_keeps_serving(serv
     assert_same_as_api(answer, reference)
     assert answer["input_sha256"] == hashlib.sha256(data).hexdigest()
     assert answer["size"] == [105, 69]
-    assert answer["attention"] is None  # no attention strip hook set
+    assert answer["attention"].startswith("data:image/png;base64,")  # the strip (checked below)
     # the picture of what the model read is the prepared image, as predict prepares it
     read = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["model_input"].split(",", 1)[1]))))
     prepared = prepare_image(str(fixture_image), **size_ranges_for_recipe(server.service.model.recipe))

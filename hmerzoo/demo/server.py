@@ -147,6 +147,7 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 7860, decode: d
 def run_demo(model_path: str, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
              decode: dict[str, Any] | None = None) -> int:
     """The ``hmerzoo demo`` command: load the model once, serve until Ctrl-C."""
+    from ..attention_maps import attention_strip_png
     from ..builder import load_model
     from ..predict import resolve_device
 
@@ -156,7 +157,7 @@ def run_demo(model_path: str, host: str = "127.0.0.1", port: int = 7860, device:
         raise HmerzooError(f"cannot serve on {host}:{port} ({e.strerror or e}); try another --port") from None
     try:
         model = load_model(model_path, map_location=resolve_device(device))
-        server.service = DemoService(model, decode, name=str(model_path))
+        server.service = DemoService(model, decode, attention=attention_strip_png, name=str(model_path))
     except BaseException:
         server.server_close()
         raise
