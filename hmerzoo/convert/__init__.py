@@ -7,24 +7,26 @@
 ``core.py`` holds what every model shares: reading the file safely (``weights_only`` / safetensors), recognising
 which official model a state dict comes from, checking the result against a freshly built hmerzoo model, writing
 the directory atomically. Each official model has one module here (``bttr.py``, ``comer.py``, ``hmer_mtl.py``,
-``abm.py``, ``ical.py``, ``tamer.py``) with its key renames, its vocabulary and how to read its architecture off the tensor shapes; it
-registers a :class:`Converter` in :data:`CONVERTERS` (``hmerzoo list converters``). To add a model: write such a
+``abm.py``, ``ical.py``, ``tamer.py``, ``posformer.py``) with its key renames, its vocabulary and how to read its
+architecture off the tensor shapes; it registers a :class:`Converter` in :data:`CONVERTERS` (``hmerzoo list converters``). To add a model: write such a
 module and import it below.
 """
 from __future__ import annotations
 
 from ..registry import CONVERTERS
-from . import abm, bttr, comer, hmer_mtl, ical, tamer  # noqa: F401  (each registers its converter)
+from . import abm, bttr, comer, hmer_mtl, ical, posformer, tamer  # noqa: F401  (each registers its converter)
 from .abm import abm_model_section, convert_abm, convert_state_dict_abm
 from .bttr import bttr_model_section, convert_bttr, convert_state_dict_bttr
 from .comer import comer_model_section, convert_comer, convert_state_dict_comer
 from .core import Converted, Converter, check_family, convert, families_of, read_official_checkpoint
 from .hmer_mtl import convert_hmer_mtl, convert_state_dict_hmer_mtl
 from .ical import convert_ical, convert_state_dict_ical
+from .posformer import convert_posformer, convert_state_dict_posformer
 from .tamer import convert_state_dict_tamer, convert_tamer
 
 __all__ = ["CONVERTERS", "Converted", "Converter", "check_family", "convert", "families_of",
            "read_official_checkpoint", "convert_bttr", "convert_state_dict_bttr", "bttr_model_section",
            "convert_comer", "convert_state_dict_comer", "comer_model_section", "convert_hmer_mtl",
            "convert_state_dict_hmer_mtl", "convert_abm", "convert_state_dict_abm", "abm_model_section", "convert_ical",
-           "convert_state_dict_ical", "convert_tamer", "convert_state_dict_tamer"]
+           "convert_state_dict_ical", "convert_tamer", "convert_state_dict_tamer",
+           "convert_posformer", "convert_state_dict_posformer"]
