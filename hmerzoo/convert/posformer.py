@@ -16,7 +16,8 @@ import torch
 from ..registry import CONVERTERS
 from ..vocab import Vocabulary
 from .comer import COMER_PREFIXES, COMER_OPTIM, comer_model_section
-from .core import Converted, Converter, check_vocab_size, complete_recipe, has_prefix, rename_keys, require, strip_prefix
+from .core import (Converted, Converter, check_vocab_size, complete_recipe, has_prefix, rename_keys, require,
+                   strip_prefix)
 
 PREFIX = "model."  # LitPosFormer keeps the model in the attribute 'model'
 POS = "posdecoder."
