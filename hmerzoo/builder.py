@@ -99,7 +99,8 @@ def build_model(recipe: str | os.PathLike | dict, overrides: Iterable[str] = (),
     if model_cfg.get("neck"):
         neck = build_component(NECKS, model_cfg["neck"], "model.neck", {"in_channels": channels})
         channels = _out_channels(neck, "model.neck")
-    decoder = build_component(DECODERS, model_cfg["decoder"], "model.decoder", {"in_channels": channels, **specials})
+    decoder = build_component(DECODERS, model_cfg["decoder"], "model.decoder",
+                              {"in_channels": channels, "vocab": vocab, **specials})
     d_model = getattr(decoder, "d_model", None)
     heads = {}
     for name, node in (model_cfg.get("heads") or {}).items():

@@ -24,13 +24,14 @@ from hmerzoo.convert.bttr import BTTR_PREFIXES
 from hmerzoo.convert.comer import COMER_PREFIXES
 from hmerzoo.convert.hmer_mtl import HMER_MTL_PREFIXES
 from hmerzoo.convert.ical import ICAL_PREFIXES
+from hmerzoo.convert.posformer import POSFORMER_PREFIXES
 from hmerzoo.convert.tamer import TAMER_PREFIXES
 from hmerzoo.errors import CheckpointError
 from hmerzoo.registry import Registry
 from hmerzoo.vocab import Vocabulary
 
 FAMILIES = {"bttr": "BTTR", "comer": "CoMER", "hmer_mtl": "HMER-MTL", "abm": "ABM", "ical": "ICAL", "tamer": "TAMER",
-            "can": "CAN"}
+            "can": "CAN", "posformer": "PosFormer"}
 TRANSFORMER = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck.d_model=32",
                "model.decoder.d_model=32", "model.decoder.num_layers=2", "model.decoder.dim_feedforward=64"]
 TINY = {
@@ -39,6 +40,7 @@ TINY = {
     "hmer_mtl": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8"],
     "ical": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8", "model.heads.implicit.dim_feedforward=64"],
     "tamer": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8", "model.heads.structure.dim_feedforward=64"],
+    "posformer": TRANSFORMER + ["model.decoder.nhead=4", "model.decoder.dc=8"],  # the position decoder follows
     "abm": ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.decoder.hidden_size=16",
             "model.decoder.embed_dim=8", "model.decoder.attention_dim=16", "model.decoder.coverage_channels=8"],
     "can": ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.decoder.hidden_size=16",
@@ -49,9 +51,9 @@ TINY = {
 OWN_SPECIALS = {"abm", "can"}
 # the Lightning attribute that holds the model in each official checkpoint
 LIGHTNING_PREFIX = {"bttr": "bttr.", "comer": "comer_model.", "hmer_mtl": "comer_model.", "abm": "", "ical": "ical_model.",
-                    "tamer": "tamer_model.", "can": ""}
+                    "tamer": "tamer_model.", "can": "", "posformer": "model."}
 PREFIX_TABLES = {"bttr": BTTR_PREFIXES, "comer": COMER_PREFIXES, "hmer_mtl": HMER_MTL_PREFIXES, "ical": ICAL_PREFIXES,
-                 "tamer": TAMER_PREFIXES, "can": CAN_PREFIXES}
+                 "tamer": TAMER_PREFIXES, "can": CAN_PREFIXES, "posformer": POSFORMER_PREFIXES}
 SPACE_FAMILIES = ("hmer_mtl", "ical")  # vocabularies with <space> = 3
 
 
@@ -97,8 +99,9 @@ def dictionary(folder: Path, name: str, n: int = 12) -> Path:
         path.write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(["sos", "eos"] + [f"t{i}" for i in range(n)])))
     elif name == "can":  # CAN's words_dict.txt: one token per line, eos and sos first
         path.write_text("".join(f"{t}\n" for t in ["eos", "sos"] + [f"t{i}" for i in range(n)]))
-    else:
-        path.write_text("".join(f"t{i}\n" for i in range(n)))
+    else:  # PosFormer's decoders name the symbols whose steps their coverage skips
+        symbols = ["{", "^", "_"] if name == "posformer" else []
+        path.write_text("".join(f"{t}\n" for t in symbols + [f"t{i}" for i in range(n)]))
     return path
 
 
@@ -235,7 +238,7 @@ def test_list_converters(capsys) -> None:
 # the real official files (parity fixtures)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_official_fixture_given_to_every_other_converter(parity_dir: Path, tmp_path: Path, name: str) -> None:
-    # the goldens generated here (ICAL, TAMER, CAN) are committed in tests/goldens/, the others are in ../shared
+    # the goldens generated here (ICAL, TAMER, PosFormer, CAN) are committed in tests/goldens/, the others are in ../shared
     goldens = Path(__file__).resolve().parent / "goldens"
     folder = goldens / name if (goldens / name).is_dir() else parity_dir / name
     source = folder / "state_dict.safetensors"

@@ -70,7 +70,7 @@ def add_parsers(sub) -> None:
 
     cv = sub.add_parser("convert", help="convert an official checkpoint into a hmerzoo model directory")
     cv.add_argument("model", help="which official implementation the checkpoint comes from: bttr, comer, hmer_mtl, "
-                                  "abm, ical, tamer ('hmerzoo list converters')")
+                                  "abm, ical, tamer, posformer ('hmerzoo list converters')")
     cv.add_argument("official", help="official checkpoint (.ckpt / .pkl / .safetensors with the official keys)")
     cv.add_argument("--out", required=True, help="output directory (load it with hmerzoo.load_model)")
     cv.add_argument("--dictionary", default=None, help="the model's dictionary.txt (default: the one beside it)")

@@ -129,9 +129,11 @@ class CoMERConverter(Converter):
     keys = "keys 'comer_model.encoder.*', 'comer_model.decoder.*', no 'decoder.proj_imp'"
 
     def recognises(self, state: dict[str, torch.Tensor]) -> bool:
-        # ICAL's and TAMER's state dicts are CoMER's plus their branch ('decoder.SCCM.*', 'decoder.struct_sim.*')
+        # ICAL's, TAMER's and PosFormer's inner state dicts are CoMER's plus their branch ('decoder.SCCM.*',
+        # 'decoder.struct_sim.*', 'posdecoder.*')
         return (is_comer_family(state) and not has_skeleton_head(state)
-                and not has_prefix(state, "decoder.SCCM.") and not has_prefix(state, "decoder.struct_sim."))
+                and not has_prefix(state, "decoder.SCCM.") and not has_prefix(state, "decoder.struct_sim.")
+                and not has_prefix(state, "posdecoder."))
 
     def convert(self, state: dict[str, torch.Tensor], dictionary: Path, hparams: dict) -> Converted:
         return convert_comer(state, dictionary, hparams)

@@ -22,7 +22,7 @@ all steps at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,7 @@ from ..layers.attention_refinement import AttentionRefinement
 from ..layers.memory_layout import RowLayout
 from ..layers.transformer import CrossAttention
 from ..registry import DECODERS
+from ..vocab import Vocabulary
 from .transformer import TransformerDecoderState, TransformerSequenceDecoder
 
 # this layer's unrefined attention [N,H,L,S] -> the correction [N,H,L,S] to subtract from its attention logits
@@ -103,9 +104,10 @@ class CoMERDecoderState(TransformerDecoderState):
 class _TeacherForcedCoverage:
     """The ARM of every layer but the first over all steps at once, from the previous layer's used attention."""
 
-    def __init__(self, decoder: "CoMERDecoder", row_mask: torch.Tensor):
+    def __init__(self, decoder: "CoMERDecoder", row_mask: torch.Tensor, keep: torch.Tensor | None):
         self.decoder = decoder
         self.row_mask = row_mask
+        self.keep = keep  # [N,1,L,1] 0 at steps whose attention coverage leaves out (coverage_skip), or None
         self.previous: torch.Tensor | None = None  # the attention the previous layer used, [N,H,L,S]
 
     def cross_attention(self, layer: int) -> CrossAttention:
@@ -115,6 +117,8 @@ class _TeacherForcedCoverage:
 
         def refine(raw: torch.Tensor) -> torch.Tensor:
             coverage = self.decoder._coverage(previous, raw)
+            if self.keep is not None:
+                coverage = coverage * self.keep
             # exclusive prefix sum over steps: step t sees the attention of steps < t (the official cumsum - x)
             return self.decoder._refine(coverage.cumsum(dim=2) - coverage, self.row_mask)
 
@@ -128,9 +132,10 @@ class _IncrementalCoverage:
     """The ARM of each layer at one step, from the attention sums over the steps before it; collects the sums
     including this step."""
 
-    def __init__(self, decoder: "CoMERDecoder", state: CoMERDecoderState):
+    def __init__(self, decoder: "CoMERDecoder", state: CoMERDecoderState, keep: torch.Tensor | None):
         self.decoder = decoder
         self.state = state
+        self.keep = keep  # [N,1,1] 0 where this step's attention stays out of the coverage sums, or None
         self.row_mask = state.image_mask.index_select(0, state.row_image)
         self.raw_sum: list[torch.Tensor] = []
         self.used_sum: list[torch.Tensor] = []
@@ -148,9 +153,11 @@ class _IncrementalCoverage:
         return refined_cross_attention(refine)
 
     def after_layer(self, layer: int, extra: Any) -> None:
-        raw, used = extra
-        self.raw_sum.append(self.state.raw_sum[layer] + raw[:, :, 0].float())
-        self.used_sum.append(self.state.used_sum[layer] + used[:, :, 0].float())
+        raw, used = extra[0][:, :, 0].float(), extra[1][:, :, 0].float()
+        if self.keep is not None:
+            raw, used = raw * self.keep, used * self.keep
+        self.raw_sum.append(self.state.raw_sum[layer] + raw)
+        self.used_sum.append(self.state.used_sum[layer] + used)
 
 
 @DECODERS.register("comer")
@@ -164,6 +171,8 @@ class CoMERDecoder(TransformerSequenceDecoder):
     ``cbam_mask_aware``: false (faithful) lets the CBAM pools see padded positions as the official code does, so
     results depend on how much padding a batch has; true excludes padding from them (same parameters).
     ``max_positions``: length of the word position table (official: 500).
+    ``coverage_skip``: symbols whose steps' attention the coverage leaves out (PosFormer's implicit attention
+    correction: ``{``, ``^``, ``_``, which attend to nothing of their own); needs the vocabulary (injected).
     """
 
     family = "comer"
@@ -175,7 +184,7 @@ class CoMERDecoder(TransformerSequenceDecoder):
                  d_model: int = 256, nhead: int = 8, num_layers: int = 3, dim_feedforward: int = 1024,
                  dropout: float = 0.3, dc: int = 32, cross_coverage: bool = True, self_coverage: bool = True,
                  cbam: bool = False, cbam_ratio: int = 2, cbam_kernel: int = 7, cbam_mask_aware: bool = False,
-                 max_positions: int = 500):
+                 max_positions: int = 500, coverage_skip: Sequence[str] = (), vocab: Vocabulary | None = None):
         if cbam and not (cross_coverage or self_coverage):
             raise ValueError("comer decoder: cbam sits inside the attention refinement, which is off when "
                              "cross_coverage and self_coverage are both false")
@@ -189,7 +198,23 @@ class CoMERDecoder(TransformerSequenceDecoder):
             in_channels_arm = nhead * (int(cross_coverage) + int(self_coverage))
             self.arm = AttentionRefinement(nhead, in_channels_arm, dc=dc, cbam=cbam, cbam_ratio=cbam_ratio,
                                            cbam_kernel=cbam_kernel, cbam_mask_aware=cbam_mask_aware)
+        self.coverage_skip = list(coverage_skip)
+        self._skip_ids: list[int] = []
+        if self.coverage_skip:
+            if vocab is None:
+                raise ValueError("comer decoder: coverage_skip names symbols, which needs the vocabulary")
+            missing = [s for s in self.coverage_skip if s not in vocab.tokens]
+            if missing:
+                raise ValueError(f"comer decoder: coverage_skip symbols not in the vocabulary: {missing}")
+            self._skip_ids = [vocab.tokens.index(s) for s in self.coverage_skip]
         self._add_output()
+
+    def _coverage_keep(self, inputs: torch.Tensor | None) -> torch.Tensor | None:
+        """[N,L] float: 0 at inputs in ``coverage_skip``, else 1; None when nothing is skipped."""
+        if not self._skip_ids or inputs is None:
+            return None
+        skip = torch.tensor(self._skip_ids, device=inputs.device)
+        return (~torch.isin(inputs, skip)).float()
 
     @property
     def memory_padding_invariant(self) -> bool:  # type: ignore[override]
@@ -217,13 +242,14 @@ class CoMERDecoder(TransformerSequenceDecoder):
         return out.reshape(n, length, self.nhead, h * w).transpose(1, 2)
 
     # --- the shared decoder's hooks -----------------------------------------------------------------------------
-    def _layer_hook(self, row_mask: torch.Tensor | None,
-                    state: TransformerDecoderState | None) -> _TeacherForcedCoverage | _IncrementalCoverage:
+    def _layer_hook(self, row_mask: torch.Tensor | None, state: TransformerDecoderState | None,
+                    inputs: torch.Tensor | None = None) -> _TeacherForcedCoverage | _IncrementalCoverage:
+        keep = self._coverage_keep(inputs)
         if state is None:
             assert row_mask is not None
-            return _TeacherForcedCoverage(self, row_mask)
+            return _TeacherForcedCoverage(self, row_mask, None if keep is None else keep[:, None, :, None])
         assert isinstance(state, CoMERDecoderState)
-        return _IncrementalCoverage(self, state)
+        return _IncrementalCoverage(self, state, None if keep is None else keep[:, :1, None])
 
     def _initial_row_state(self, num_rows: int, image_mask: torch.Tensor) -> dict[str, Any]:
         size = image_mask[0].numel()

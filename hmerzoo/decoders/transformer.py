@@ -130,11 +130,12 @@ class TransformerSequenceDecoder(SequenceDecoder):
     def _embed(self, inputs: torch.Tensor, offset: int = 0) -> torch.Tensor:
         return self.pos_enc(self.embed_norm(self.word_embed(inputs)), offset)
 
-    def _layer_hook(self, row_mask: torch.Tensor | None,
-                    state: TransformerDecoderState | None) -> LayerHook | None:
+    def _layer_hook(self, row_mask: torch.Tensor | None, state: TransformerDecoderState | None,
+                    inputs: torch.Tensor | None = None) -> LayerHook | None:
         """The hook of one pass. Teacher forcing: ``row_mask`` is the image padding mask of each row ([N,h,w]),
         ``state`` None. A step: ``state`` is the state before it (``row_mask`` None: ``state.image_mask`` of
-        ``state.row_image``). None: plain cross-attention."""
+        ``state.row_image``). ``inputs``: the pass's input tokens ([N,L]; [N,1] for a step). None: plain
+        cross-attention."""
         return None
 
     def _initial_row_state(self, num_rows: int, image_mask: torch.Tensor) -> dict[str, Any]:
@@ -206,7 +207,8 @@ class TransformerSequenceDecoder(SequenceDecoder):
         keys = [k.repeat(rows_per_image, 1, 1, 1) for k in keys]
         values = [v.repeat(rows_per_image, 1, 1, 1) for v in values]
         x, _, _ = self._run_layers(self._embed(inputs), keys, values, self._self_mask(inputs),
-                                   cross_mask.repeat(rows_per_image, 1, 1, 1), None, self._layer_hook(row_mask, None))
+                                   cross_mask.repeat(rows_per_image, 1, 1, 1), None,
+                                   self._layer_hook(row_mask, None, inputs))
         return self.proj(x), x
 
     def _decode_rows(self, inputs: torch.Tensor, memory_k: list[torch.Tensor], memory_v: list[torch.Tensor],
@@ -217,7 +219,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
         images = torch.unique(memory_index)
         cross = CrossMemory.select(memory_k, memory_v, memory_mask, images, compact=self.compact_memory)
         layout = RowLayout.of(torch.searchsorted(images, memory_index), images.numel())
-        hook = self._layer_hook(image_mask.index_select(0, memory_index), None)
+        hook = self._layer_hook(image_mask.index_select(0, memory_index), None, inputs)
         x, _, _ = self._run_layers(self._embed(inputs), cross.keys, cross.values, self._self_mask(inputs),
                                    cross.mask, layout, hook)
         return self.proj(x), x
@@ -226,7 +228,9 @@ class TransformerSequenceDecoder(SequenceDecoder):
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                 tokens: Sequence[Sequence[int]]) -> DecoderOutput:
         """The training pass: L2R and R2L rows of every sample in one 2B batch, sharing the image memory."""
-        return stacked_bidirectional_forward(self, memory, memory_mask, tokens)
+        out = stacked_bidirectional_forward(self, memory, memory_mask, tokens)
+        out.extras["memory"] = (memory, memory_mask)  # for heads that decode the memory again (PosFormer's)
+        return out
 
     def teacher_forced(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
                        direction: str = "l2r",
@@ -296,7 +300,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
         # the official key padding mask also hides <pad> inputs of a hypothesis (only if the model emits <pad>);
         # always passed: asking whether any input was <pad> would wait for the device at every step
         self_mask = (~self_pad)[:, None, None, :]
-        hook = self._layer_hook(None, state)
+        hook = self._layer_hook(None, state, last_tokens[:, None])
         cross = state.cross
         x, new_k, new_v = self._run_layers(x, cross.keys, cross.values, self_mask, cross.mask, state.layout, hook,
                                            past_k=state.self_k, past_v=state.self_v)
