@@ -228,9 +228,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
     def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor,
                 tokens: Sequence[Sequence[int]]) -> DecoderOutput:
         """The training pass: L2R and R2L rows of every sample in one 2B batch, sharing the image memory."""
-        out = stacked_bidirectional_forward(self, memory, memory_mask, tokens)
-        out.extras["memory"] = (memory, memory_mask)  # for heads that decode the memory again (PosFormer's)
-        return out
+        return stacked_bidirectional_forward(self, memory, memory_mask, tokens)
 
     def teacher_forced(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
                        direction: str = "l2r",

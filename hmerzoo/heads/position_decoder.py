@@ -118,9 +118,10 @@ class PositionForestHead(nn.Module):
     def losses(self, output: DecoderOutput,
                tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(level loss, relation loss, level logits, relation logits) of a training pass's rows."""
-        if "memory" not in output.extras:
-            raise ValueError("position_forest head: the decoder passed no memory (needs a transformer decoder)")
-        memory, mask = output.extras["memory"]
+        if "memory" not in output.extras:  # HMERModel.forward hands every head the image memory
+            raise ValueError("position_forest head: the training pass carries no image memory "
+                             "(DecoderOutput.extras['memory'] and ['memory_mask'])")
+        memory, mask = output.extras["memory"], output.extras["memory_mask"]
         inputs = self.inputs_of(output, tokens, memory.device)
         rows_per_image = inputs.shape[0] // memory.shape[0]
         level_logits, relation_logits = self.decoder.outputs(memory, mask, inputs, rows_per_image)
