@@ -33,6 +33,7 @@ from ..layers.attention_refinement import AttentionRefinement
 from ..layers.memory_layout import RowLayout
 from ..layers.transformer import CrossAttention
 from ..registry import DECODERS
+from ..sequence import to_device
 from ..vocab import Vocabulary
 from .transformer import TransformerDecoderState, TransformerSequenceDecoder
 
@@ -213,7 +214,7 @@ class CoMERDecoder(TransformerSequenceDecoder):
         """[N,L] float: 0 at inputs in ``coverage_skip``, else 1; None when nothing is skipped."""
         if not self._skip_ids or inputs is None:
             return None
-        skip = torch.tensor(self._skip_ids, device=inputs.device)
+        skip = to_device(torch.tensor(self._skip_ids), inputs.device)  # no host wait: the ids are known here
         return (~torch.isin(inputs, skip)).float()
 
     @property

@@ -26,7 +26,7 @@ from ..batch import Batch
 from ..decoders.comer import CoMERDecoder
 from ..errors import RecipeError
 from ..registry import HEADS
-from ..sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
+from ..sequence import IGNORE_INDEX, DecoderOutput, to_device
 from ..vocab import Vocabulary
 from .position_forest import CODE_LENGTH, NUM_LEVELS, NUM_RELATIONS, forest_paths, input_codes, level_position_targets
 
@@ -42,6 +42,7 @@ class PositionDecoder(CoMERDecoder):
                          coverage_skip=coverage_skip, vocab=vocab)
         del self.word_embed, self.embed_norm  # the codes replace the words (proj: an Identity, see _add_output)
         self.code_embed = nn.Sequential(nn.Linear(CODE_LENGTH, d_model), nn.GELU(), nn.LayerNorm(d_model))
+        self._given_codes: torch.Tensor | None = None  # set by outputs() for one pass
         self.level_proj = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, NUM_LEVELS))
         self.relation_proj = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, NUM_RELATIONS))
         self.symbols = list(vocab.tokens)
@@ -59,14 +60,21 @@ class PositionDecoder(CoMERDecoder):
         return paths
 
     def _embed(self, inputs: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        codes = torch.tensor([input_codes(p) for p in self.row_paths(inputs)], dtype=torch.float32,
-                             device=inputs.device)
+        codes = self._given_codes
+        if codes is None:  # read the rows off the device (the training pass hands the codes in: no host wait)
+            codes = torch.tensor([input_codes(p) for p in self.row_paths(inputs)], dtype=torch.float32,
+                                 device=inputs.device)
         return self.input_norm(self.pos_enc(self.code_embed(codes.to(self.code_embed[0].weight.dtype)), offset))
 
-    def outputs(self, memory: torch.Tensor, mask: torch.Tensor,
-                inputs: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(level logits [N,L,5], relation logits [N,L,6]) of input rows [N,L] over the memory."""
-        _, hidden = self.decode(memory, mask, inputs, rows_per_image=rows_per_image)
+    def outputs(self, memory: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor, rows_per_image: int,
+                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(level logits [N,L,5], relation logits [N,L,6]) of input rows [N,L] over the memory; ``codes``
+        [N,L,5]: the rows' input codes when the caller has them (else they are computed from ``inputs``)."""
+        self._given_codes = codes
+        try:
+            _, hidden = self.decode(memory, mask, inputs, rows_per_image=rows_per_image)
+        finally:
+            self._given_codes = None
         return self.level_proj(hidden), self.relation_proj(hidden)
 
 
@@ -117,34 +125,52 @@ class PositionForestHead(nn.Module):
 
     def losses(self, output: DecoderOutput,
                tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(level loss, relation loss, level logits, relation logits) of a training pass's rows."""
+        """(level loss, relation loss, level logits, relation logits) of a training pass's rows.
+
+        The input rows, their codes and the targets are built on the host from the captions and moved with one
+        asynchronous copy each; the official mask (main target not ``<pad>``) is an ignore index, not a boolean
+        index: the training step never waits for the device here."""
         if "memory" not in output.extras:  # HMERModel.forward hands every head the image memory
             raise ValueError("position_forest head: the training pass carries no image memory "
                              "(DecoderOutput.extras['memory'] and ['memory_mask'])")
         memory, mask = output.extras["memory"], output.extras["memory_mask"]
-        inputs = self.inputs_of(output, tokens, memory.device)
+        rows = self.input_rows(output, tokens)
+        d = self.decoder
+        paths = [forest_paths([d.symbols[t] for t in row], reverse=row[0] == d.eos_id, **d.specials) for row in rows]
+        inputs = to_device(torch.tensor(rows, dtype=torch.long), memory.device)
+        codes = to_device(torch.tensor([input_codes(p) for p in paths], dtype=torch.float32), memory.device)
+        pairs = [level_position_targets(p) for p in paths]
+        levels = to_device(torch.tensor([lv for lv, _ in pairs], dtype=torch.long), memory.device)
+        relations = to_device(torch.tensor([r for _, r in pairs], dtype=torch.long), memory.device)
         rows_per_image = inputs.shape[0] // memory.shape[0]
-        level_logits, relation_logits = self.decoder.outputs(memory, mask, inputs, rows_per_image)
-        levels, relations = self.targets(inputs)
-        keep = output.targets.reshape(-1) != IGNORE_INDEX  # the official mask: main target not <pad>
-        level_loss = F.cross_entropy(level_logits.reshape(-1, NUM_LEVELS).float()[keep], levels.reshape(-1)[keep])
-        relation_loss = F.cross_entropy(relation_logits.reshape(-1, NUM_RELATIONS).float()[keep],
-                                        relations.reshape(-1)[keep])
+        level_logits, relation_logits = d.outputs(memory, mask, inputs, rows_per_image, codes=codes)
+        ignored = output.targets.reshape(-1) == IGNORE_INDEX  # the official mask: main target not <pad>
+        level_loss = F.cross_entropy(level_logits.reshape(-1, NUM_LEVELS).float(),
+                                     levels.reshape(-1).masked_fill(ignored, IGNORE_INDEX), ignore_index=IGNORE_INDEX)
+        relation_loss = F.cross_entropy(relation_logits.reshape(-1, NUM_RELATIONS).float(),
+                                        relations.reshape(-1).masked_fill(ignored, IGNORE_INDEX),
+                                        ignore_index=IGNORE_INDEX)
         return level_loss, relation_loss, level_logits, relation_logits
+
+    def input_rows(self, output: DecoderOutput, tokens: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The decoder input rows of a training pass as lists (its rows' directions, the samples in order in each):
+        ``<sos> y1..yn`` (L2R) or ``<eos> yn..y1`` (R2L), right-padded with ``<pad>``."""
+        directions = output.directions or ["l2r"] * output.targets.shape[0]
+        d = self.decoder
+        length = max((len(t) for t in tokens), default=0) + 1
+        taken = {direction: 0 for direction in directions}
+        rows = []
+        for direction in directions:
+            seq = list(tokens[taken[direction] % len(tokens)])
+            taken[direction] += 1
+            row = [d.sos_id] + seq if direction == "l2r" else [d.eos_id] + seq[::-1]
+            rows.append(row + [d.pad_id] * (length - len(row)))
+        return rows
 
     def inputs_of(self, output: DecoderOutput, tokens: Sequence[Sequence[int]],
                   device: torch.device) -> torch.Tensor:
-        """The decoder input rows of a training pass (its rows' directions, the samples in order in each)."""
-        directions = output.directions or ["l2r"] * output.targets.shape[0]
-        d = self.decoder
-        rows = {direction: teacher_forcing_tensors(tokens, direction, d.sos_id, d.eos_id, d.pad_id, device)[0]
-                for direction in dict.fromkeys(directions)}
-        taken = {direction: 0 for direction in rows}
-        out = []
-        for direction in directions:
-            out.append(rows[direction][taken[direction] % len(tokens)])
-            taken[direction] += 1
-        return torch.stack(out)
+        """The decoder input rows of a training pass, as a tensor on ``device``."""
+        return to_device(torch.tensor(self.input_rows(output, tokens), dtype=torch.long), device)
 
     def forward(self, output: DecoderOutput, batch: Batch) -> dict[str, torch.Tensor]:
         level_loss, relation_loss, _, _ = self.losses(output, batch.tokens)

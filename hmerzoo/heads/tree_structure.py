@@ -99,7 +99,7 @@ class TreeStructureHead(nn.Module):
         """sim [N,L,L] of decoder states [N,L,d], each row by its direction's module."""
         sim = hidden.new_empty(hidden.shape[0], hidden.shape[1], hidden.shape[1])
         for direction in dict.fromkeys(directions):
-            index = torch.tensor([i for i, d in enumerate(directions) if d == direction], device=hidden.device)
+            index = to_device(torch.tensor([i for i, d in enumerate(directions) if d == direction]), hidden.device)
             module = self.l2r if direction == "l2r" else self.r2l
             sim = sim.index_copy(0, index, module(hidden.index_select(0, index), pad.index_select(0, index)))
         return sim
