@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers.memory_layout import CrossMemory, RowLayout
+from ..layers.memory_layout import CrossMemory, RowLayout, host_to_device
 from ..layers.posenc import WordPosEnc
 from ..layers.transformer import CrossAttention, TransformerDecoderLayer
 from ..sequence import DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors
@@ -45,6 +46,9 @@ class TransformerDecoderState:
     [N,H,t,hd], one entry appended per step. self_pad: [N,t] True where the input token was ``<pad>`` (masked as a
     key, as the official code does). position: t, the next input's position. Masks built here are bool with
     True = may attend. direction: of every memory row (one string when all share it).
+    cross_images: the memory rows ``cross`` holds, on the host (None: not known there). valid_positions: [M,S]
+    numpy bool, the memory positions each image has (read once at the start, for compacting on the host; None
+    when the decoder does not compact).
     """
 
     memory_k: list[torch.Tensor]
@@ -59,6 +63,8 @@ class TransformerDecoderState:
     self_pad: torch.Tensor
     position: int
     direction: str | list[str]
+    cross_images: tuple[int, ...] | None = None
+    valid_positions: Any = None
 
 
 class TransformerSequenceDecoder(SequenceDecoder):
@@ -77,6 +83,7 @@ class TransformerSequenceDecoder(SequenceDecoder):
     shares_image_memory = True  # the keys/values stay per image; rows reach them through the row layout
     # may drop memory positions padded in every image a batch reads (only attention reads the positions)
     compact_memory = True
+    takes_memory_rows = True  # reorder_state regroups rows by image from the caller's host list, not the device
     state_class: type[TransformerDecoderState] = TransformerDecoderState
 
     def __init__(self, in_channels: int, vocab_size: int, pad_id: int | None, sos_id: int, eos_id: int,
@@ -259,13 +266,19 @@ class TransformerSequenceDecoder(SequenceDecoder):
         images = torch.arange(n, device=device)
         empty = [k.new_empty(n, self.nhead, 0, self.d_model // self.nhead) for k in memory_k]
         image_mask = memory_mask.bool()
+        valid = positions = None
+        if self.compact_memory:
+            # one read per search: which positions each image has, so regrouping rows never reads the device
+            valid = (~flat_mask).cpu().numpy()
+            positions = np.flatnonzero(valid.any(0)).tolist()
         return self.state_class(
             memory_k=memory_k, memory_v=memory_v, memory_mask=cross_mask, image_mask=image_mask,
-            cross=CrossMemory.select(memory_k, memory_v, cross_mask, images, compact=self.compact_memory),
+            cross=CrossMemory.select(memory_k, memory_v, cross_mask, images, compact=self.compact_memory,
+                                     all_images=True, positions=positions),
             row_image=images, layout=RowLayout.one_per_memory(n, device), self_k=empty, self_v=list(empty),
             self_pad=torch.zeros(n, 0, dtype=torch.bool, device=device), position=0,
-            direction=direction if isinstance(direction, str) else directions,
-            **self._initial_row_state(n, image_mask))
+            direction=direction if isinstance(direction, str) else directions, cross_images=tuple(range(n)),
+            valid_positions=valid, **self._initial_row_state(n, image_mask))
 
     def step(self, state: TransformerDecoderState,
              last_tokens: torch.Tensor) -> tuple[torch.Tensor, TransformerDecoderState]:
@@ -283,22 +296,43 @@ class TransformerSequenceDecoder(SequenceDecoder):
                         **self._step_updates(hook))
         return self.proj(x[:, 0]), state
 
-    def reorder_state(self, state: TransformerDecoderState, index: torch.Tensor) -> TransformerDecoderState:
+    def reorder_state(self, state: TransformerDecoderState, index: torch.Tensor,
+                      memory_rows: Sequence[int] | None = None) -> TransformerDecoderState:
         """Keep/duplicate rows: row i of the result is row ``index[i]`` of ``state`` (beam search bookkeeping).
 
         Only the per-row tensors are gathered every step; the images' cross-attention keys/values are gathered
-        again only when the set of images that still have rows changes.
+        again only when the set of images that still have rows changes. ``memory_rows``: the memory row of every
+        new row, when the caller knows it on the host (the search does): then nothing here reads the device.
         """
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, index)
 
         row_image = pick(state.row_image)
-        images = torch.unique(row_image)  # sorted
-        cross = state.cross
-        if images.shape != cross.images.shape or not bool(torch.equal(images, cross.images)):
-            cross = CrossMemory.select(state.memory_k, state.memory_v, state.memory_mask, images,
-                                       compact=self.compact_memory)
-        layout = RowLayout.of(torch.searchsorted(images, row_image), images.numel())
-        return replace(state, cross=cross, row_image=row_image, layout=layout,
+        if memory_rows is not None:
+            cross, layout, known = self._regroup_on_host(state, list(memory_rows))
+        else:
+            images = torch.unique(row_image)  # sorted
+            cross, known = state.cross, None
+            if images.shape != cross.images.shape or not bool(torch.equal(images, cross.images)):
+                cross = CrossMemory.select(state.memory_k, state.memory_v, state.memory_mask, images,
+                                           compact=self.compact_memory)
+            layout = RowLayout.of(torch.searchsorted(images, row_image), images.numel())
+        return replace(state, cross=cross, row_image=row_image, layout=layout, cross_images=known,
                        self_k=[pick(t) for t in state.self_k], self_v=[pick(t) for t in state.self_v],
                        self_pad=pick(state.self_pad), **self._reorder_rows(state, index))
+
+    def _regroup_on_host(self, state: TransformerDecoderState,
+                         memory_rows: list[int]) -> tuple[CrossMemory, RowLayout, tuple[int, ...]]:
+        """The cross memory and row layout of rows reading ``memory_rows``, worked out on the host."""
+        images = sorted(set(memory_rows))
+        device = state.row_image.device
+        cross = state.cross
+        if tuple(images) != state.cross_images:
+            positions = None
+            if self.compact_memory and state.valid_positions is not None:
+                positions = np.flatnonzero(state.valid_positions[images].any(0)).tolist()
+            cross = CrossMemory.select(state.memory_k, state.memory_v, state.memory_mask,
+                                       host_to_device(images, device), compact=self.compact_memory,
+                                       all_images=images == list(range(state.memory_mask.shape[0])),
+                                       positions=positions)
+        return cross, RowLayout.of_host(memory_rows, images, device), tuple(images)
