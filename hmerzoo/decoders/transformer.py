@@ -198,13 +198,24 @@ class TransformerSequenceDecoder(SequenceDecoder):
         return self.proj(x), x
 
     def _decode_rows(self, inputs: torch.Tensor, memory_k: list[torch.Tensor], memory_v: list[torch.Tensor],
-                     memory_mask: torch.Tensor, image_mask: torch.Tensor,
-                     memory_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     memory_mask: torch.Tensor, image_mask: torch.Tensor, memory_index: torch.Tensor,
+                     host_rows: list[int] | None = None,
+                     valid: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass where row r reads memory row ``memory_index[r]`` of projected keys/values [M,...]:
-        the rows' queries are grouped per image, so the keys/values are never copied per row."""
-        images = torch.unique(memory_index)
-        cross = CrossMemory.select(memory_k, memory_v, memory_mask, images, compact=self.compact_memory)
-        layout = RowLayout.of(torch.searchsorted(images, memory_index), images.numel())
+        the rows' queries are grouped per image, so the keys/values are never copied per row. ``host_rows``: the
+        same index known on the host, ``valid``: the memory's valid positions [M,S] (numpy) when compacting; with
+        them the grouping reads nothing from the device."""
+        if host_rows is not None:
+            images_list = sorted(set(host_rows))
+            positions = None if valid is None else np.flatnonzero(valid[images_list].any(0)).tolist()
+            cross = CrossMemory.select(memory_k, memory_v, memory_mask, host_to_device(images_list, inputs.device),
+                                       compact=self.compact_memory, positions=positions,
+                                       all_images=images_list == list(range(memory_mask.shape[0])))
+            layout = RowLayout.of_host(host_rows, images_list, inputs.device)
+        else:
+            images = torch.unique(memory_index)
+            cross = CrossMemory.select(memory_k, memory_v, memory_mask, images, compact=self.compact_memory)
+            layout = RowLayout.of(torch.searchsorted(images, memory_index), images.numel())
         hook = self._layer_hook(image_mask.index_select(0, memory_index), None)
         x, _, _ = self._run_layers(self._embed(inputs), cross.keys, cross.values, self._self_mask(inputs),
                                    cross.mask, layout, hook)
@@ -225,20 +236,33 @@ class TransformerSequenceDecoder(SequenceDecoder):
         return logits, targets
 
     def log_likelihood(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
-                       direction: str = "l2r", memory_index: torch.Tensor | None = None) -> torch.Tensor:
+                       direction: str = "l2r",
+                       memory_index: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         # as the base class (sequences of similar length scored together), but each image's keys/values are
-        # projected once for all the passes and never copied per sequence
+        # projected once for all the passes and never copied per sequence. ``memory_index`` may also be a host
+        # list (takes_memory_rows): then the grouping per image is worked out on the host
         flat, flat_mask = self._flatten_memory(memory, memory_mask)
         memory_k, memory_v = self._cross_key_values(flat)
+        host_index = None
         if memory_index is None:
-            memory_index = torch.arange(len(tokens), device=memory.device)
+            host_index = list(range(len(tokens)))
+        elif not isinstance(memory_index, torch.Tensor):
+            host_index = [int(i) for i in memory_index]
+        # one read per call instead of one per chunk: the positions each image has, for compacting on the host
+        valid = (~flat_mask).cpu().numpy() if host_index is not None and self.compact_memory else None
         scores = torch.empty(len(tokens), dtype=torch.float32, device=memory.device)
         for chunk in length_chunks([len(seq) for seq in tokens]):
-            rows = torch.tensor(chunk, dtype=torch.long, device=memory.device)
             inputs, targets = teacher_forcing_tensors([tokens[i] for i in chunk], direction, self.sos_id,
                                                       self.eos_id, self.pad_id, memory.device)
+            if host_index is None:
+                rows = host_to_device(chunk, memory.device)
+                index, host_rows = memory_index.index_select(0, rows), None
+            else:
+                host_rows = [host_index[i] for i in chunk]
+                both = host_to_device(chunk + host_rows, memory.device)
+                rows, index = both[:len(chunk)], both[len(chunk):]
             logits, _ = self._decode_rows(inputs, memory_k, memory_v, (~flat_mask)[:, None, None, :],
-                                          memory_mask.bool(), memory_index.index_select(0, rows))
+                                          memory_mask.bool(), index, host_rows, valid)
             scores[rows] = sequence_log_likelihood(logits, targets)
         return scores
 
