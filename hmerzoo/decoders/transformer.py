@@ -83,7 +83,9 @@ class TransformerSequenceDecoder(SequenceDecoder):
     shares_image_memory = True  # the keys/values stay per image; rows reach them through the row layout
     # may drop memory positions padded in every image a batch reads (only attention reads the positions)
     compact_memory = True
-    takes_memory_rows = True  # reorder_state regroups rows by image from the caller's host list, not the device
+    # reorder_state regroups rows by image from the caller's host list, not the device (a subclass that overrides
+    # reorder_state must accept memory_rows=None too, or set this False)
+    takes_memory_rows = True
     state_class: type[TransformerDecoderState] = TransformerDecoderState
 
     def __init__(self, in_channels: int, vocab_size: int, pad_id: int | None, sos_id: int, eos_id: int,

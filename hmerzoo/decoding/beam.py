@@ -182,7 +182,7 @@ def _search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, direc
         row_score = top_score.flatten().index_select(0, sent[:n])
         last = sent[n:2 * n]
         grid_index = sent[3 * n:] if layout else None
-        row_node, row_group = new_node, new_group
+        row_node = new_node
         if hinted:
             state = decoder.reorder_state(state, sent[2 * n:3 * n], memory_rows=new_group)
         else:
