@@ -29,7 +29,7 @@ def test_ema_follows_the_formula_without_host_syncs():
             if expected is None:
                 expected = dict(current)  # the first update copies
             else:
-                expected = {name: (current[name] if not t.is_floating_point() else t + (1 - decay) * (current[name] - t))
+                expected = {name: t + (1 - decay) * (current[name] - t) if t.is_floating_point() else current[name]
                             for name, t in expected.items()}
     assert syncs.total == 0, syncs.summary()
     got = ema.module.state_dict()

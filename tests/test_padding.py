@@ -17,7 +17,8 @@ def test_pad_images_rounds_up_and_masks_the_extra():
     assert plain.shape == (2, 1, 17, 33)
     out, mask = pad_images(images, 16)
     assert out.shape == (2, 1, 32, 48) and mask.shape == (2, 32, 48)
-    assert torch.equal(out[:, :, :17, :33], plain) and out[:, :, 17:].abs().sum() == 0 and out[:, :, :, 33:].abs().sum() == 0
+    assert torch.equal(out[:, :, :17, :33], plain)
+    assert out[:, :, 17:].abs().sum() == 0 and out[:, :, :, 33:].abs().sum() == 0
     assert torch.equal(mask[:, :17, :33], plain_mask) and mask[:, 17:].all() and mask[:, :, 33:].all()
     assert int((~mask).sum()) == 17 * 30 + 5 * 33
     assert pad_images([torch.rand(1, 32, 16)], 16)[0].shape == (1, 1, 32, 16)  # already a multiple
