@@ -73,10 +73,14 @@ def fixture_images(model, name: str) -> list[torch.Tensor]:
     return image_tensors([str(p) for p in paths], model.recipe)
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # --clock
+
+
 def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
+    start = clock()
     out = fn()
-    return time.perf_counter() - start, out
+    return clock() - start, out
 
 
 def same(a, b) -> bool:
@@ -178,13 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-images", type=int, default=8,
                         help="CoMER vs official / re-run-the-prefix on the first N images (default 8; 0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                        help="wall time (default), or this process's CPU time: steadier on a shared machine, "
+                             "comparable between runs with --threads 1")
+    parser.add_argument("--checkout", type=Path, default=None,
+                        help="import hmerzoo from this checkout instead of this script's (e.g. main, to compare a "
+                             "branch against it with the same script)")
     parser.add_argument("--official-repo", type=Path, default=os.environ.get("HMER_REF_REPO"),
                         help="export of the official Green-Wood/CoMER tree (default $HMER_REF_REPO)")
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCK[args.clock]
+    if args.checkout is not None:
+        sys.path.insert(0, str(args.checkout.resolve()))
     torch.set_num_threads(args.threads)
     markdown: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {name: load_model(name, Path(tmp)) for name in args.models}
+    import hmerzoo
+
+    print(f"hmerzoo from {Path(hmerzoo.__file__).parent}, {args.clock} clock")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     ok = batch_table(models, args.images, markdown)

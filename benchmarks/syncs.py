@@ -10,7 +10,8 @@ the ``--batch`` smallest CROHME training images (train.zip or train/ under --dat
 - **greedy step**: ``model.greedy`` (validation's decoding) with ``--max-len`` steps, encoder included, divided by
   the decoder steps it ran;
 - **beam step**: the recipe's search (``decode.mode``, beam ``--beam``) on the encoded batch (encoder not counted),
-  rescoring included, divided by the decoder steps it ran (a bidirectional mode steps both directions).
+  run to ``--max-len`` and to twice that: the difference divided by the difference in decoder steps is the cost of
+  one step; the rest of the shorter search (start, rescoring, final choice) is shown as "once".
 
 The start and end tokens' logits are pushed down so every search runs all ``--max-len`` steps (an untrained model
 would stop at random); per-step figures include the one-off costs (encoder, start, rescoring) spread over those
@@ -47,7 +48,7 @@ TINY = {
     "abm": ["model.decoder.hidden_size=16", "model.decoder.embed_dim=16", "model.decoder.attention_dim=16",
             "model.decoder.coverage_channels=8"],
 }
-COLUMNS = ("train step", "greedy step", "beam step", "bool-mask index")
+COLUMNS = ("train step", "greedy step", "beam step", "beam once", "bool-mask index")
 
 
 def shipped_recipes() -> list[str]:
@@ -118,8 +119,6 @@ def counting_steps(decoder: Any, never_end: list[int] = ()) -> Callable[[], int]
 def measure(name: str, root: Path, batch_size: int = 4, max_len: int = 12, beam: int = 3,
             extra: list[str] = ()) -> dict[str, Any]:
     """Counters (HostSyncCounter) for one train step, one greedy decode and one beam search of a recipe."""
-    from hmerzoo.decoding.modes import search
-    from hmerzoo.decoding.recognize import decode_config
     from hmerzoo.training import train_step
 
     seed_everything(0)
@@ -140,24 +139,42 @@ def measure(name: str, root: Path, batch_size: int = 4, max_len: int = 12, beam:
         model.greedy(batch.images, batch.image_mask, max_len=max_len)
     greedy_steps = steps()
 
-    config = decode_config(recipe, beam_size=beam, max_len=max_len)
+    beams = beam_counts(model, recipe, batch, steps, beam, (max_len, 2 * max_len))
+    return {"recipe": name, "mode": beams["mode"], "train": train, "greedy": greedy, "greedy_steps": greedy_steps,
+            "beam": beams["counters"][0], "beam_steps": beams["steps"][0], "beam_per_step": beams["per_step"],
+            "beam_once": beams["once"]}
+
+
+def beam_counts(model: Any, recipe: dict, batch: Batch, steps: Callable[[], int], beam: int,
+                lengths: tuple[int, int]) -> dict[str, Any]:
+    """The recipe's search on the encoded batch (encoder not counted) with each of two ``max_len``: counters,
+    decoder steps, the syncs of one step (difference / difference in steps) and those once per search.
+    ``steps``: :func:`counting_steps` on the model's decoder (so every search runs to max_len)."""
+    from hmerzoo.decoding.modes import search
+    from hmerzoo.decoding.recognize import decode_config
+
     vocab = model.vocab
+    counters, ran = [], []
     with torch.no_grad():
         memory, mask = model.encode(batch.images, batch.image_mask)
-        with Counter() as beam_syncs:
-            search(model.decoder, memory, mask, config, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
-                   pad_id=vocab.pad_id)
-    beam_steps = steps() - greedy_steps
-    return {"recipe": name, "mode": config.mode, "train": train, "greedy": greedy, "greedy_steps": greedy_steps,
-            "beam": beam_syncs, "beam_steps": beam_steps}
+        for max_len in lengths:
+            config = decode_config(recipe, beam_size=beam, max_len=max_len)
+            before = steps()
+            with Counter() as counter:
+                search(model.decoder, memory, mask, config, sos_id=vocab.sos_id, eos_id=vocab.eos_id,
+                       pad_id=vocab.pad_id)
+            counters.append(counter)
+            ran.append(steps() - before)
+    per_step = (counters[1].total - counters[0].total) / max(ran[1] - ran[0], 1)
+    return {"mode": config.mode, "counters": counters, "steps": ran, "per_step": per_step,
+            "once": counters[0].total - per_step * ran[0]}
 
 
 def row(m: dict[str, Any]) -> list[str]:
     mask_index = sum(c.count("bool-mask index") for c in (m["train"], m["greedy"], m["beam"]))
     return [m["recipe"], m["mode"], str(m["train"].total),
             f"{m['greedy'].total / max(m['greedy_steps'], 1):.1f} ({m['greedy'].total}/{m['greedy_steps']})",
-            f"{m['beam'].total / max(m['beam_steps'], 1):.1f} ({m['beam'].total}/{m['beam_steps']})",
-            str(mask_index)]
+            f"{m['beam_per_step']:.1f}", f"{m['beam_once']:.0f}", str(mask_index)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [measure(name, root, args.batch, args.max_len, args.beam) for name in args.recipes or shipped_recipes()]
 
     print(f"host syncs + blocking copies (batch {args.batch}, max_len {args.max_len}, beam {args.beam}; "
-          f"per step: total/decoder steps)\n")
+          f"greedy per step: total/decoder steps; beam per step: the extra syncs of {args.max_len} more steps "
+          f"per step, once: the rest of a {args.max_len}-step search)\n")
     print("| recipe | search mode | " + " | ".join(COLUMNS) + " |")
     print("|---|---|" + "---:|" * len(COLUMNS))
     for m in results:

@@ -32,10 +32,13 @@ class Batch:
         return Batch(self.images.pin_memory(), self.image_mask.pin_memory(), self.tokens, self.names)
 
 
-def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of [1, h, w] tensors -> ([B, 1, H, W] zero-padded bottom/right, [B, H, W] bool mask True = padding)."""
-    h = max(int(im.shape[-2]) for im in images)
-    w = max(int(im.shape[-1]) for im in images)
+def pad_images(images: list[torch.Tensor], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of [1, h, w] tensors -> ([B, 1, H, W] zero-padded bottom/right, [B, H, W] bool mask True = padding).
+
+    ``multiple``: H and W rounded up to a multiple of it (data.pad_multiple), so that batches fall into fewer
+    distinct shapes (fewer cuDNN algorithm searches and compiled graphs, less allocator fragmentation on a GPU)."""
+    h = _round_up(max(int(im.shape[-2]) for im in images), multiple)
+    w = _round_up(max(int(im.shape[-1]) for im in images), multiple)
     out = images[0].new_zeros(len(images), 1, h, w)
     mask = torch.ones(len(images), h, w, dtype=torch.bool)
     for i, im in enumerate(images):
@@ -43,3 +46,7 @@ def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         out[i, :, :ih, :iw] = im
         mask[i, :ih, :iw] = False
     return out, mask
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple if multiple > 1 else size

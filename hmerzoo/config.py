@@ -175,6 +175,9 @@ class DataConfig(Section):
     scale_aug: bool = False  # CoMER's ScaleAugmentation, k ~ U(0.7, 1.4), training only
     num_workers: int = 2
     skip_bad: bool = False  # skip (and count) bad samples instead of stopping with an error
+    # a bucket's padded height and width rounded up to a multiple of this: fewer distinct shapes on a GPU (cuDNN
+    # algorithm searches, compiled graphs, allocator fragmentation) for a few % more pixels (docs/benchmarks.md)
+    pad_multiple: int = 1
     # layout of data.root: crohme | hme100k | folder | auto (detected from the files; hmerzoo/data/formats.py)
     format: str = "auto"
     # a dataset class by registered name (``hmerzoo list datasets``) or module:Attr, instead of data.format; it takes
@@ -187,7 +190,7 @@ class DataConfig(Section):
     transforms: list | None = None
 
     def problems(self) -> list[str]:
-        return (_at_least(self, "data", 1, ("batch_size", "max_pixels", "max_image_pixels", "max_len"))
+        return (_at_least(self, "data", 1, ("batch_size", "max_pixels", "max_image_pixels", "max_len", "pad_multiple"))
                 + _at_least(self, "data", 0, ("num_workers",))
                 + _at_least(self, "data", 0, ("val_holdout",), optional=True)
                 + _at_least(self, "data", 1, ("train_limit", "val_limit"), optional=True))

@@ -105,7 +105,6 @@ def evaluate_split(model: Any, data_root: str | os.PathLike, split: str, decode:
         indices = seeded_subset(len(dataset), limit, LIMIT_SEED, TAG_VAL_LIMIT)
     recipe_data = ((getattr(model, "recipe", None) or {}).get("data")) or {}
     transform = ScaleToLimitRange() if recipe_data.get("scale_to_limit") else None
-    device = next(model.parameters()).device
     batch_size = int(decode["batch_size"])
     chunk_size = batch_size * max(1, RECOGNIZE_CHUNK // batch_size)  # padded batching keeps its batches
     meter = ExpRateMeter()
@@ -116,7 +115,8 @@ def evaluate_split(model: Any, data_root: str | os.PathLike, split: str, decode:
             images = []
             for i in chunk:
                 image = dataset.load_image(i)
-                images.append((transform(image) if transform is not None else image).to(device))
+                # stays on the CPU: recognize moves each image to the model's device once, after preparing it
+                images.append(transform(image) if transform is not None else image)
             recognitions = model.recognize(images, **decode)
             if len(recognitions) != len(chunk):
                 raise HmerzooError(f"model.recognize returned {len(recognitions)} results for {len(chunk)} images")

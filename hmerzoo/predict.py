@@ -104,7 +104,6 @@ def predict_files(model: Any, paths: Sequence[str], decode: dict[str, Any],
     ranges = size_ranges_for_recipe(getattr(model, "recipe", None))
     height_range = height_range or ranges["height_range"]
     width_range = width_range or ranges["width_range"]
-    device = next(model.parameters()).device
     chunk_size = int(decode["batch_size"])
     for start in range(0, len(paths), chunk_size):
         chunk = paths[start:start + chunk_size]
@@ -116,7 +115,7 @@ def predict_files(model: Any, paths: Sequence[str], decode: dict[str, Any],
             except DataError as e:
                 results[slot].error = str(e)
                 continue
-            images.append(image.to(device))
+            images.append(image)  # on the CPU: recognize moves it to the device once
             slots.append(slot)
         if images:
             recognitions = model.recognize(images, **decode)

@@ -6,6 +6,7 @@ composition of every batch is fixed once and an epoch only reorders buckets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Callable, Sequence
@@ -85,12 +86,13 @@ class BucketDataset(Dataset):
         return samples
 
 
-def collate_bucket(items: list[list[Sample]]) -> Batch:
-    """DataLoader collate for batch_size=1 over buckets: unwrap the one bucket and pad it."""
+def collate_bucket(items: list[list[Sample]], pad_multiple: int = 1) -> Batch:
+    """DataLoader collate for batch_size=1 over buckets: unwrap the one bucket and pad it (its height and width
+    rounded up to a multiple of ``pad_multiple``, data.pad_multiple)."""
     if len(items) != 1:
         raise ValueError(f"collate_bucket expects one bucket per DataLoader item (batch_size=1), got {len(items)}")
     samples = items[0]
-    images, image_mask = pad_images([s.image for s in samples])
+    images, image_mask = pad_images([s.image for s in samples], pad_multiple)
     return Batch(images=images, image_mask=image_mask, tokens=[s.ids for s in samples],
                  names=[s.name for s in samples])
 
@@ -107,10 +109,10 @@ class DataBundle:
     num_val_samples: int
 
 
-def _loader_kwargs(num_workers: int, seed: int) -> dict:
+def _loader_kwargs(num_workers: int, seed: int, pad_multiple: int = 1) -> dict:
     return dict(
         batch_size=1,
-        collate_fn=collate_bucket,
+        collate_fn=functools.partial(collate_bucket, pad_multiple=pad_multiple) if pad_multiple > 1 else collate_bucket,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
@@ -194,7 +196,7 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
                                skip_bad=cfg.skip_bad)
     sampler = BucketSampler(len(train_buckets), shuffle=True, seed=seed, rank=rank, world_size=world_size)
     train_loader = DataLoader(train_data, sampler=EpochTaggedSampler(sampler),
-                              **_loader_kwargs(cfg.num_workers, seed))
+                              **_loader_kwargs(cfg.num_workers, seed, cfg.pad_multiple))
 
     val_loader, num_val = None, 0
     if val_set is not None and len(val_set) > 0:
@@ -203,7 +205,8 @@ def build_dataloaders(cfg: DataConfig, vocab: Vocabulary, seed: int, rank: int =
         val_data = BucketDataset(val_set, val_buckets, transform=limit, seed=seed, skip_bad=cfg.skip_bad)
         # Several ranks: each validates its own buckets (a range is a sampler); one rank: all, in order.
         val_sampler = range(rank, len(val_buckets), world_size) if world_size > 1 else None
-        val_loader = DataLoader(val_data, sampler=val_sampler, shuffle=False, **_loader_kwargs(cfg.num_workers, seed))
+        val_loader = DataLoader(val_data, sampler=val_sampler, shuffle=False,
+                                **_loader_kwargs(cfg.num_workers, seed, cfg.pad_multiple))
         num_val = val_data.num_samples
 
     return DataBundle(train=train_loader, train_sampler=sampler, val=val_loader, report=report,

@@ -28,6 +28,10 @@ a :class:`DecoderCapabilities`. The search reads them there:
 - ``shares_image_memory``: ``reorder_state`` moves only per-row tensors and a row -> image index; each image's
   memory (cross-attention keys/values) stays once per image however many hypotheses read it, so many beams per
   image cost no memory copies.
+
+``takes_memory_rows`` (an attribute, not a capability: only the search's bookkeeping reads it): ``reorder_state``
+also accepts ``memory_rows=``, the memory row of every new row as a host list, which the search knows, so a
+decoder that regroups rows by image needs no read of the device to do it.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class SequenceDecoder(nn.Module):
     supports_mixed_directions: bool = False
     memory_padding_invariant: bool = False
     shares_image_memory: bool = False
+    takes_memory_rows: bool = False
 
     @property
     def capabilities(self) -> DecoderCapabilities:

@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers.memory_layout import CrossMemory, RowLayout
+from ..layers.memory_layout import CrossMemory, RowLayout, host_to_device
 from ..layers.posenc import WordPosEnc
 from ..layers.transformer import CrossAttention, TransformerDecoderLayer
 from ..sequence import DecoderOutput, direction_tokens, sequence_log_likelihood, teacher_forcing_tensors
@@ -45,6 +46,9 @@ class TransformerDecoderState:
     [N,H,t,hd], one entry appended per step. self_pad: [N,t] True where the input token was ``<pad>`` (masked as a
     key, as the official code does). position: t, the next input's position. Masks built here are bool with
     True = may attend. direction: of every memory row (one string when all share it).
+    cross_images: the memory rows ``cross`` holds, on the host (None: not known there). valid_positions: [M,S]
+    numpy bool, the memory positions each image has (read once at the start, for compacting on the host; None
+    when the decoder does not compact).
     """
 
     memory_k: list[torch.Tensor]
@@ -60,6 +64,8 @@ class TransformerDecoderState:
     position: int
     direction: str | list[str]
     output_state: Any = None  # the attached output layer's own state (attach_output), if any
+    cross_images: tuple[int, ...] | None = None
+    valid_positions: Any = None
 
 
 class TransformerSequenceDecoder(SequenceDecoder):
@@ -78,6 +84,9 @@ class TransformerSequenceDecoder(SequenceDecoder):
     shares_image_memory = True  # the keys/values stay per image; rows reach them through the row layout
     # may drop memory positions padded in every image a batch reads (only attention reads the positions)
     compact_memory = True
+    # reorder_state regroups rows by image from the caller's host list, not the device (a subclass that overrides
+    # reorder_state must accept memory_rows=None too, or set this False)
+    takes_memory_rows = True
     state_class: type[TransformerDecoderState] = TransformerDecoderState
     rescorer: Any = None  # see attach_rescorer
 
@@ -212,13 +221,24 @@ class TransformerSequenceDecoder(SequenceDecoder):
         return self.proj(x), x
 
     def _decode_rows(self, inputs: torch.Tensor, memory_k: list[torch.Tensor], memory_v: list[torch.Tensor],
-                     memory_mask: torch.Tensor, image_mask: torch.Tensor,
-                     memory_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     memory_mask: torch.Tensor, image_mask: torch.Tensor, memory_index: torch.Tensor,
+                     host_rows: list[int] | None = None,
+                     valid: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass where row r reads memory row ``memory_index[r]`` of projected keys/values [M,...]:
-        the rows' queries are grouped per image, so the keys/values are never copied per row."""
-        images = torch.unique(memory_index)
-        cross = CrossMemory.select(memory_k, memory_v, memory_mask, images, compact=self.compact_memory)
-        layout = RowLayout.of(torch.searchsorted(images, memory_index), images.numel())
+        the rows' queries are grouped per image, so the keys/values are never copied per row. ``host_rows``: the
+        same index known on the host, ``valid``: the memory's valid positions [M,S] (numpy) when compacting; with
+        them the grouping reads nothing from the device."""
+        if host_rows is not None:
+            images_list = sorted(set(host_rows))
+            positions = None if valid is None else np.flatnonzero(valid[images_list].any(0)).tolist()
+            cross = CrossMemory.select(memory_k, memory_v, memory_mask, host_to_device(images_list, inputs.device),
+                                       compact=self.compact_memory, positions=positions,
+                                       all_images=images_list == list(range(memory_mask.shape[0])))
+            layout = RowLayout.of_host(host_rows, images_list, inputs.device)
+        else:
+            images = torch.unique(memory_index)
+            cross = CrossMemory.select(memory_k, memory_v, memory_mask, images, compact=self.compact_memory)
+            layout = RowLayout.of(torch.searchsorted(images, memory_index), images.numel())
         hook = self._layer_hook(image_mask.index_select(0, memory_index), None, inputs)
         x, _, _ = self._run_layers(self._embed(inputs), cross.keys, cross.values, self._self_mask(inputs),
                                    cross.mask, layout, hook)
@@ -239,20 +259,33 @@ class TransformerSequenceDecoder(SequenceDecoder):
         return self._predicted(logits, hidden, inputs), targets
 
     def log_likelihood(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
-                       direction: str = "l2r", memory_index: torch.Tensor | None = None) -> torch.Tensor:
+                       direction: str = "l2r",
+                       memory_index: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         # as the base class (sequences of similar length scored together), but each image's keys/values are
-        # projected once for all the passes and never copied per sequence
+        # projected once for all the passes and never copied per sequence. ``memory_index`` may also be a host
+        # list (takes_memory_rows): then the grouping per image is worked out on the host
         flat, flat_mask = self._flatten_memory(memory, memory_mask)
         memory_k, memory_v = self._cross_key_values(flat)
+        host_index = None
         if memory_index is None:
-            memory_index = torch.arange(len(tokens), device=memory.device)
+            host_index = list(range(len(tokens)))
+        elif not isinstance(memory_index, torch.Tensor):
+            host_index = [int(i) for i in memory_index]
+        # one read per call instead of one per chunk: the positions each image has, for compacting on the host
+        valid = (~flat_mask).cpu().numpy() if host_index is not None and self.compact_memory else None
         scores = torch.empty(len(tokens), dtype=torch.float32, device=memory.device)
         for chunk in length_chunks([len(seq) for seq in tokens]):
-            rows = torch.tensor(chunk, dtype=torch.long, device=memory.device)
             inputs, targets = teacher_forcing_tensors([tokens[i] for i in chunk], direction, self.sos_id,
                                                       self.eos_id, self.pad_id, memory.device)
+            if host_index is None:
+                rows = host_to_device(chunk, memory.device)
+                index, host_rows = memory_index.index_select(0, rows), None
+            else:
+                host_rows = [host_index[i] for i in chunk]
+                both = host_to_device(chunk + host_rows, memory.device)
+                rows, index = both[:len(chunk)], both[len(chunk):]
             logits, hidden = self._decode_rows(inputs, memory_k, memory_v, (~flat_mask)[:, None, None, :],
-                                               memory_mask.bool(), memory_index.index_select(0, rows))
+                                               memory_mask.bool(), index, host_rows, valid)
             scores[rows] = sequence_log_likelihood(self._predicted(logits, hidden, inputs), targets)
         return scores
 
@@ -281,13 +314,19 @@ class TransformerSequenceDecoder(SequenceDecoder):
         images = torch.arange(n, device=device)
         empty = [k.new_empty(n, self.nhead, 0, self.d_model // self.nhead) for k in memory_k]
         image_mask = memory_mask.bool()
+        valid = positions = None
+        if self.compact_memory:
+            # one read per search: which positions each image has, so regrouping rows never reads the device
+            valid = (~flat_mask).cpu().numpy()
+            positions = np.flatnonzero(valid.any(0)).tolist()
         return self.state_class(
             memory_k=memory_k, memory_v=memory_v, memory_mask=cross_mask, image_mask=image_mask,
-            cross=CrossMemory.select(memory_k, memory_v, cross_mask, images, compact=self.compact_memory),
+            cross=CrossMemory.select(memory_k, memory_v, cross_mask, images, compact=self.compact_memory,
+                                     all_images=True, positions=positions),
             row_image=images, layout=RowLayout.one_per_memory(n, device), self_k=empty, self_v=list(empty),
             self_pad=torch.zeros(n, 0, dtype=torch.bool, device=device), position=0,
-            direction=direction if isinstance(direction, str) else directions,
-            output_state=None if output is None else output.init_output_state(n, device),
+            direction=direction if isinstance(direction, str) else directions, cross_images=tuple(range(n)),
+            valid_positions=valid, output_state=None if output is None else output.init_output_state(n, device),
             **self._initial_row_state(n, image_mask))
 
     def step(self, state: TransformerDecoderState,
@@ -311,24 +350,45 @@ class TransformerSequenceDecoder(SequenceDecoder):
                         output_state=output_state, **self._step_updates(hook))
         return logits, state
 
-    def reorder_state(self, state: TransformerDecoderState, index: torch.Tensor) -> TransformerDecoderState:
+    def reorder_state(self, state: TransformerDecoderState, index: torch.Tensor,
+                      memory_rows: Sequence[int] | None = None) -> TransformerDecoderState:
         """Keep/duplicate rows: row i of the result is row ``index[i]`` of ``state`` (beam search bookkeeping).
 
         Only the per-row tensors are gathered every step; the images' cross-attention keys/values are gathered
-        again only when the set of images that still have rows changes.
+        again only when the set of images that still have rows changes. ``memory_rows``: the memory row of every
+        new row, when the caller knows it on the host (the search does): then nothing here reads the device.
         """
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, index)
 
         row_image = pick(state.row_image)
-        images = torch.unique(row_image)  # sorted
-        cross = state.cross
-        if images.shape != cross.images.shape or not bool(torch.equal(images, cross.images)):
-            cross = CrossMemory.select(state.memory_k, state.memory_v, state.memory_mask, images,
-                                       compact=self.compact_memory)
-        layout = RowLayout.of(torch.searchsorted(images, row_image), images.numel())
-        return replace(state, cross=cross, row_image=row_image, layout=layout,
+        if memory_rows is not None:
+            cross, layout, known = self._regroup_on_host(state, list(memory_rows))
+        else:
+            images = torch.unique(row_image)  # sorted
+            cross, known = state.cross, None
+            if images.shape != cross.images.shape or not bool(torch.equal(images, cross.images)):
+                cross = CrossMemory.select(state.memory_k, state.memory_v, state.memory_mask, images,
+                                           compact=self.compact_memory)
+            layout = RowLayout.of(torch.searchsorted(images, row_image), images.numel())
+        return replace(state, cross=cross, row_image=row_image, layout=layout, cross_images=known,
                        self_k=[pick(t) for t in state.self_k], self_v=[pick(t) for t in state.self_v],
                        self_pad=pick(state.self_pad), **self._reorder_rows(state, index),
                        output_state=None if state.output_state is None
                        else self.__dict__["_output"].reorder_output_state(state.output_state, index))
+
+    def _regroup_on_host(self, state: TransformerDecoderState,
+                         memory_rows: list[int]) -> tuple[CrossMemory, RowLayout, tuple[int, ...]]:
+        """The cross memory and row layout of rows reading ``memory_rows``, worked out on the host."""
+        images = sorted(set(memory_rows))
+        device = state.row_image.device
+        cross = state.cross
+        if tuple(images) != state.cross_images:
+            positions = None
+            if self.compact_memory and state.valid_positions is not None:
+                positions = np.flatnonzero(state.valid_positions[images].any(0)).tolist()
+            cross = CrossMemory.select(state.memory_k, state.memory_v, state.memory_mask,
+                                       host_to_device(images, device), compact=self.compact_memory,
+                                       all_images=images == list(range(state.memory_mask.shape[0])),
+                                       positions=positions)
+        return cross, RowLayout.of_host(memory_rows, images, device), tuple(images)

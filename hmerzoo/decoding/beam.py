@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..layers.memory_layout import host_to_device
 from ..sequence import direction_tokens
 from .policies import BTTRFinishing, FinishingRule
 
@@ -72,7 +73,7 @@ def beam_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, d
         batches = [[g for g in range(num_groups) if directions[g] == d] for d in kinds]
     results: list[list[Hypothesis]] = [[] for _ in range(num_groups)]
     for groups in batches:
-        index = memory_index[torch.tensor(groups, device=memory.device)]
+        index = memory_index.index_select(0, host_to_device(groups, memory.device))
         found = _search(decoder, memory.index_select(0, index), memory_mask.index_select(0, index),
                         [directions[g] for g in groups], sos_id=sos_id, eos_id=eos_id, max_len=max_len,
                         rule=rule(beam_size, len(groups)))
@@ -83,70 +84,132 @@ def beam_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, d
 
 def _search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, directions: list[str], *, sos_id: int,
             eos_id: int, max_len: int, rule: FinishingRule) -> list[list[Hypothesis]]:
-    """One batch of groups; group g is memory row g."""
+    """One batch of groups; group g is memory row g.
+
+    The device ranks each group's candidates; the host reads them once per step (one packed tensor) and does the
+    bookkeeping - the rule, which rows go on, their tokens - in Python, then queues one copy back with the rows to
+    keep. So a step waits for the device once, and the decoder never does (``takes_memory_rows``)."""
     device = memory.device
     num_groups = len(directions)
     ends = [direction_tokens(sos_id, eos_id, d) for d in directions]
-    stop = torch.tensor([e for _, e in ends], dtype=torch.long, device=device)
-    last = torch.tensor([s for s, _ in ends], dtype=torch.long, device=device)
+    stop = [e for _, e in ends]
+    last = host_to_device([s for s, _ in ends], device)
     state = decoder.init_state(memory, memory_mask, directions[0] if len(set(directions)) == 1 else directions)
+    hinted = bool(getattr(decoder, "takes_memory_rows", False))
 
-    # rows: live hypotheses, sorted by group, within a group in the order they were ranked
-    row_group = torch.arange(num_groups, device=device)
+    # rows: live hypotheses, sorted by group, within a group in the order they were ranked. Host mirrors: each
+    # row's group and token-tree node; the tree (parent, token) holds every prefix once
+    row_group = list(range(num_groups))
+    tree = _TokenTree()
+    row_node = [0] * num_groups
     row_score = torch.zeros(num_groups, dtype=torch.float32, device=device)
-    history = torch.empty(num_groups, 0, dtype=torch.long, device=device)  # tokens after the start token
-    rows_per_group = torch.ones(num_groups, dtype=torch.long, device=device)
+    rows_per_group = [1] * num_groups
     width = 1  # the most rows a group has
+    grid_index: torch.Tensor | None = None  # per group and slot, its row (num rows: an empty slot); None: 1 per group
     steps = rule.num_steps(max_len)
     if steps == 0:
-        rule.out_of_steps(row_group.tolist(), history.tolist(), row_score.tolist(), 0)
+        rule.out_of_steps(row_group, [[] for _ in row_group], [0.0] * num_groups, 0)
     for t in range(steps):
         logits, state = decoder.step(state, last)
         vocab_size = logits.shape[-1]
         candidates = F.log_softmax(logits.float(), dim=-1) + row_score[:, None]  # [N,V]
-        first_row = torch.cumsum(rows_per_group, 0) - rows_per_group
-        if width == 1 and row_group.numel() == num_groups:
-            grid = candidates  # one row per group (the first step): nothing to lay out
-        else:
-            slot = torch.arange(row_group.numel(), device=device) - first_row[row_group]
-            grid = candidates.new_full((num_groups, width, vocab_size), float("-inf"))
-            grid[row_group, slot] = candidates
-        keep = torch.minimum(rule.num_candidates().to(device), rows_per_group * vocab_size)
-        k = int(keep.max())
-        top_score, top_pos = grid.reshape(num_groups, width * vocab_size).topk(k, dim=1)  # sorted, best first
-        source_slot = torch.div(top_pos, vocab_size, rounding_mode="floor")
-        top_word = top_pos % vocab_size
-        valid = torch.arange(k, device=device)[None, :] < keep[:, None]
-        valid &= source_slot < rows_per_group[:, None]  # never a padding cell of the grid
-        source_row = first_row[:, None] + source_slot
-        finishing, going_on = rule.select(top_word == stop[:, None], valid)
+        if grid_index is not None:  # a padded [groups, width] grid of rows; empty slots -inf
+            candidates = torch.cat((candidates, candidates.new_full((1, vocab_size), float("-inf"))))
+            candidates = candidates.index_select(0, grid_index)
+        grid = candidates.reshape(num_groups, width * vocab_size)
+        keep = [min(c, n * vocab_size) for c, n in zip(rule.num_candidates(), rows_per_group)]
+        k = max(keep)
+        top_score, top_pos = grid.topk(k, dim=1)  # sorted, best first
+        # the step's one read: every group's ranked scores and positions (float64 holds both exactly)
+        packed = torch.cat((top_score.double(), top_pos.double()), dim=1).tolist()
 
-        if bool(finishing.any()):
-            # row-major nonzero: groups in order, each group's candidates in rank order (the official order)
-            fin_group, fin_rank = finishing.nonzero(as_tuple=True)
-            rule.finish(fin_group.tolist(), history.index_select(0, source_row[fin_group, fin_rank]).tolist(),
-                        top_score[fin_group, fin_rank].tolist(), t)
-        # the first continuing candidate of a group is its best (candidates are sorted)
-        best_going_on = top_score.masked_fill(~going_on, float("-inf")).max(dim=1).values
-        going_on &= ~rule.done(best_going_on, t)[:, None]
+        first_row = 0
+        fin_group, fin_tokens, fin_scores, best_going_on, going = [], [], [], [], []
+        for g in range(num_groups):
+            scores, positions = packed[g][:k], packed[g][k:]
+            ranked = []  # (source row, token) per rank; None for a padding cell
+            flags: list[bool | None] = []
+            for j in range(keep[g]):
+                slot, token = divmod(int(positions[j]), vocab_size)
+                if slot < rows_per_group[g]:
+                    ranked.append((first_row + slot, token))
+                    flags.append(token == stop[g])
+                else:
+                    ranked.append(None)
+                    flags.append(None)
+            finishing, going_on = rule.select(flags) if keep[g] else ([], [])
+            for j in finishing:
+                fin_group.append(g)
+                fin_tokens.append(tree.tokens(row_node[ranked[j][0]]))
+                fin_scores.append(scores[j])
+            best_going_on.append(max((scores[j] for j in going_on), default=float("-inf")))
+            going.append([(j, ranked[j], scores[j]) for j in going_on])
+            first_row += rows_per_group[g]
+        if fin_group:
+            rule.finish(fin_group, fin_tokens, fin_scores, t)
+        done = rule.done(best_going_on, t)
 
-        live_group, live_rank = going_on.nonzero(as_tuple=True)
-        if live_group.numel() == 0:
+        live_flat, words, rows, new_group, new_node, new_score = [], [], [], [], [], []
+        for g in range(num_groups):
+            if done[g]:
+                continue
+            for j, (source, token), score in going[g]:
+                live_flat.append(g * k + j)
+                words.append(token)
+                rows.append(source)
+                new_group.append(g)
+                new_node.append(tree.add(row_node[source], token))
+                new_score.append(score)
+        if not rows:
             break
-        rows = source_row[live_group, live_rank]
-        history = torch.cat((history.index_select(0, rows), top_word[live_group, live_rank][:, None]), dim=1)
-        row_score = top_score[live_group, live_rank]
         if t == steps - 1:
-            rule.out_of_steps(live_group.tolist(), history.tolist(), row_score.tolist(), t + 1)
+            rule.out_of_steps(new_group, [tree.tokens(n) for n in new_node], new_score, t + 1)
             break
-        row_group = live_group
-        last = top_word[live_group, live_rank]
-        rows_per_group = torch.bincount(live_group, minlength=num_groups)
-        width = int(rows_per_group.max())
-        state = decoder.reorder_state(state, rows)
+        rows_per_group = [0] * num_groups
+        for g in new_group:
+            rows_per_group[g] += 1
+        width = max(rows_per_group)
+        layout: list[int] = []
+        if width > 1 or len(rows) < num_groups:
+            starts, n = [], 0
+            for count in rows_per_group:
+                starts.append(n)
+                n += count
+            layout = [starts[g] + i if i < rows_per_group[g] else n for g in range(num_groups) for i in range(width)]
+        # the step's one copy to the device: which candidates live on, their tokens, their source rows, the grid
+        sent = host_to_device(live_flat + words + rows + layout, device)
+        n = len(rows)
+        row_score = top_score.flatten().index_select(0, sent[:n])
+        last = sent[n:2 * n]
+        grid_index = sent[3 * n:] if layout else None
+        row_node = new_node
+        if hinted:
+            state = decoder.reorder_state(state, sent[2 * n:3 * n], memory_rows=new_group)
+        else:
+            state = decoder.reorder_state(state, sent[2 * n:3 * n])
     results = []
     for g, direction in enumerate(directions):
         results.append([Hypothesis(tokens=seq[::-1] if direction == "r2l" else list(seq), score=score,
                                    search_score=score, direction=direction, finished=finished)
                         for seq, score, finished in rule.hypotheses(g)])
     return results
+
+
+class _TokenTree:
+    """Every decoded prefix once, as (parent node, token); node 0 is the empty prefix."""
+
+    def __init__(self) -> None:
+        self.parent = [-1]
+        self.token = [-1]
+
+    def add(self, parent: int, token: int) -> int:
+        self.parent.append(parent)
+        self.token.append(token)
+        return len(self.parent) - 1
+
+    def tokens(self, node: int) -> list[int]:
+        out = []
+        while node > 0:
+            out.append(self.token[node])
+            node = self.parent[node]
+        return out[::-1]

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..config import DecodeConfig
 from ..errors import RecipeError, did_you_mean
 from ..registry import SEARCH_MODES
+from ..layers.memory_layout import host_to_device
 from .beam import Hypothesis, beam_search
 from .policies import BTTRFinishing, HFFinishing
 from .rescoring import OPPOSITE, rate_by_opposite_direction, rescore_by_opposite_direction
@@ -42,17 +44,20 @@ class SearchResult:
     hypotheses: list[Hypothesis]
 
 
-def _pick(hypotheses: list[Hypothesis], ranking: torch.Tensor) -> SearchResult:
-    # torch.argmax returns the first maximum, as Python's max keeps the first of equal keys
-    best = int(torch.argmax(ranking))
+# The final choices run on the host (numpy float32, the official's float32 arithmetic): the scores are there already
+def _pick(hypotheses: list[Hypothesis], ranking: np.ndarray) -> SearchResult:
+    # argmax returns the first maximum, as Python's max keeps the first of equal keys
+    best = int(np.argmax(ranking))
     return SearchResult(best=hypotheses[best], best_score=float(ranking[best]), hypotheses=hypotheses)
 
 
-def length_normalised(hypotheses: Sequence[Hypothesis], alpha: float) -> torch.Tensor:
+def _float32(values: Sequence[float]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def length_normalised(hypotheses: Sequence[Hypothesis], alpha: float) -> np.ndarray:
     """``score / len**alpha`` of each hypothesis, [n] float32 (the official computes it on float32 scores)."""
-    scores = torch.tensor([h.score for h in hypotheses], dtype=torch.float32)
-    lengths = torch.tensor([float(h.length) ** alpha for h in hypotheses], dtype=torch.float32)
-    return scores / lengths
+    return _float32([h.score for h in hypotheses]) / _float32([float(h.length) ** alpha for h in hypotheses])
 
 
 def choose_best(hypotheses: list[Hypothesis], alpha: float) -> SearchResult:
@@ -64,15 +69,14 @@ def choose_best_per_emitted_token(hypotheses: list[Hypothesis], alpha: float) ->
     """ABM's final choice (test.py): the lowest ``cost / len(sample)**alpha`` with cost = -sum log p and the sample
     including its stop token, i.e. the highest ``score / (len(tokens) + 1)**alpha``; the first on ties, as numpy's
     argmin. A hypothesis cut off at ``max_len`` has no stop token (the official returns none such)."""
-    scores = torch.tensor([h.score for h in hypotheses], dtype=torch.float32)
-    lengths = torch.tensor([float(len(h.tokens) + int(h.finished)) ** alpha for h in hypotheses],
-                           dtype=torch.float32)
-    return _pick(hypotheses, scores / lengths.clamp_min(1.0))
+    scores = _float32([h.score for h in hypotheses])
+    lengths = _float32([float(len(h.tokens) + int(h.finished)) ** alpha for h in hypotheses])
+    return _pick(hypotheses, scores / np.maximum(lengths, np.float32(1.0)))
 
 
 def choose_best_total(hypotheses: list[Hypothesis], alpha: float) -> SearchResult:
     """CoMER's final choice: the first maximum of first-pass score + rating (already summed in ``score``)."""
-    return _pick(hypotheses, torch.tensor([h.score for h in hypotheses], dtype=torch.float32))
+    return _pick(hypotheses, _float32([h.score for h in hypotheses]))
 
 
 Mode = Callable[..., list[SearchResult]]
@@ -127,13 +131,13 @@ def comer_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, 
     rule = partial(HFFinishing, alpha=config.alpha)
     per_image = _both_directions(stepper or decoder, memory, memory_mask, config, rule, sos_id, eos_id)
     hyps = [h for found in per_image for h in found]
-    rows = torch.tensor([i for i, found in enumerate(per_image) for _ in found], device=memory.device)
+    rows = host_to_device([i for i, found in enumerate(per_image) for _ in found], memory.device)
     rated = rate_by_opposite_direction(
         decoder, memory.index_select(0, rows), memory_mask.index_select(0, rows), [h.tokens for h in hyps],
         [OPPOSITE[h.direction] for h in hyps], sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
-        alpha=config.alpha).float().cpu()
+        alpha=config.alpha).float().cpu().numpy()
     # float32 sums of the official float32 scores
-    total = torch.tensor([h.search_score for h in hyps], dtype=torch.float32) + rated
+    total = _float32([h.search_score for h in hyps]) + rated
     for h, value in zip(hyps, total.tolist()):
         h.score = value
     return [choose_best_total(found, config.alpha) for found in per_image]

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 
 class FinishingRule:
     """What one search keeps and when it stops, for ``num_groups`` beams of ``beam_size`` (one instance per search).
 
+    A rule works on the host, on the values of the search's one read per step, so it never waits for the device.
     The loop calls, each step ``t`` (0-based: ``t`` tokens decoded before the step): :meth:`num_candidates`, ranks
-    that many candidates per group, :meth:`select`, :meth:`finish` for the finishing ones (rank order),
-    :meth:`done`; after :meth:`num_steps` steps, :meth:`out_of_steps` with the live rows. :meth:`hypotheses` gives
-    each group's result (tokens in decoding order).
+    that many candidates per group, :meth:`select` per group, :meth:`finish` for the finishing ones (groups in
+    order, each in rank order), :meth:`done`; after :meth:`num_steps` steps, :meth:`out_of_steps` with the live
+    rows. :meth:`hypotheses` gives each group's result (tokens in decoding order).
     """
 
     def __init__(self, beam_size: int, num_groups: int):
@@ -28,20 +28,21 @@ class FinishingRule:
     def num_steps(self, max_len: int) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def num_candidates(self) -> torch.Tensor:  # pragma: no cover - interface
-        """[G] long: how many ranked candidates each group looks at (0: the group is done)."""
+    def num_candidates(self) -> list[int]:  # pragma: no cover - interface
+        """How many ranked candidates each group looks at (0: the group is done)."""
         raise NotImplementedError
 
-    def select(self, ends: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which ranked candidates finish and which go on, both [G,K] bool. ``ends``: the candidate is the group's
-        stop token; ``valid``: a real candidate among the first ``num_candidates``."""
+    def select(self, ends: list[bool | None]) -> tuple[list[int], list[int]]:
+        """One group's ranked candidates (``ends[i]``: whether the candidate of rank i is the group's stop token;
+        None: not a real candidate, a padding cell of the search's grid) -> (the ranks that finish, those that go
+        on), both ascending."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def finish(self, group: list[int], tokens: list[list[int]], scores: list[float], t: int) -> None:
         raise NotImplementedError  # pragma: no cover - interface
 
-    def done(self, best_going_on: torch.Tensor, t: int) -> torch.Tensor:
-        """[G] bool: groups over after this step; ``best_going_on`` [G]: each group's best continuing score."""
+    def done(self, best_going_on: list[float], t: int) -> list[bool]:
+        """Groups over after this step; ``best_going_on``: each group's best continuing score (-inf: none)."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def out_of_steps(self, group: list[int], tokens: list[list[int]], scores: list[float], t: int) -> None:
@@ -61,25 +62,25 @@ class BTTRFinishing(FinishingRule):
 
     def __init__(self, beam_size: int, num_groups: int):
         super().__init__(beam_size, num_groups)
-        self.num_finished = torch.zeros(num_groups, dtype=torch.long)
+        self.num_finished = [0] * num_groups
         self.found: list[list[tuple[list[int], float, bool]]] = [[] for _ in range(num_groups)]
 
     def num_steps(self, max_len: int) -> int:
         return max_len
 
-    def num_candidates(self) -> torch.Tensor:
-        return (self.beam_size - self.num_finished).clamp_min(0)
+    def num_candidates(self) -> list[int]:
+        return [max(self.beam_size - n, 0) for n in self.num_finished]
 
-    def select(self, ends: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return valid & ends, valid & ~ends
+    def select(self, ends: list[bool | None]) -> tuple[list[int], list[int]]:
+        return [i for i, e in enumerate(ends) if e is True], [i for i, e in enumerate(ends) if e is False]
 
     def finish(self, group: list[int], tokens: list[list[int]], scores: list[float], t: int) -> None:
         for g, seq, score in zip(group, tokens, scores):
             self.found[g].append((seq, score, True))
-        self.num_finished += torch.bincount(torch.tensor(group), minlength=self.num_groups)
+            self.num_finished[g] += 1
 
-    def done(self, best_going_on: torch.Tensor, t: int) -> torch.Tensor:
-        return (self.num_finished >= self.beam_size).to(best_going_on.device)
+    def done(self, best_going_on: list[float], t: int) -> list[bool]:
+        return [n >= self.beam_size for n in self.num_finished]
 
     def out_of_steps(self, group: list[int], tokens: list[list[int]], scores: list[float], t: int) -> None:
         for g, seq, score in zip(group, tokens, scores):
@@ -135,35 +136,32 @@ class HFFinishing(FinishingRule):
     def __init__(self, beam_size: int, num_groups: int, alpha: float = 1.0):
         super().__init__(beam_size, num_groups)
         self.heaps = [FinishedHeap(beam_size, alpha) for _ in range(num_groups)]
-        self.is_done = torch.zeros(num_groups, dtype=torch.bool)
+        self.is_done = [False] * num_groups
 
     def num_steps(self, max_len: int) -> int:
         return max_len - 1
 
-    def num_candidates(self) -> torch.Tensor:
-        return torch.where(self.is_done, 0, 2 * self.beam_size)
+    def num_candidates(self) -> list[int]:
+        return [0 if done else 2 * self.beam_size for done in self.is_done]
 
-    def select(self, ends: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rank = torch.arange(ends.shape[1], device=ends.device)[None, :]
-        candidates = valid & ~ends
+    def select(self, ends: list[bool | None]) -> tuple[list[int], list[int]]:
         # the official loop stops at the beam-th continuing candidate; a stop token ranked after it has rank
         # >= beam and is ignored anyway
-        going_on = candidates & (torch.cumsum(candidates.long(), dim=1) <= self.beam_size)
-        short = (going_on.sum(dim=1) < self.beam_size) & valid.any(dim=1)
-        if bool(short.any()):
+        going_on = [i for i, e in enumerate(ends) if e is False][:self.beam_size]
+        if len(going_on) < self.beam_size and any(e is not None for e in ends):
             raise RuntimeError("comer search: fewer than beam continuing candidates (vocabulary too small for "
                                "2 x beam candidates)")
-        return valid & ends & (rank < self.beam_size), going_on
+        return [i for i, e in enumerate(ends) if e is True and i < self.beam_size], going_on
 
     def finish(self, group: list[int], tokens: list[list[int]], scores: list[float], t: int) -> None:
         for g, seq, score in zip(group, tokens, scores):
             self.heaps[g].add(seq, score, t + 1)
 
-    def done(self, best_going_on: torch.Tensor, t: int) -> torch.Tensor:
-        for g, best in enumerate(best_going_on.tolist()):
+    def done(self, best_going_on: list[float], t: int) -> list[bool]:
+        for g, best in enumerate(best_going_on):
             if not self.is_done[g] and best != float("-inf") and self.heaps[g].is_done(best, t + 1):
                 self.is_done[g] = True
-        return self.is_done.to(best_going_on.device)
+        return list(self.is_done)
 
     def out_of_steps(self, group: list[int], tokens: list[list[int]], scores: list[float], t: int) -> None:
         for g, seq, score in zip(group, tokens, scores):

@@ -78,14 +78,14 @@ def recognize_tensors(model: Any, tensors: list[torch.Tensor], config: DecodeCon
         for start in range(0, len(tensors), config.batch_size):
             which = list(range(start, min(start + config.batch_size, len(tensors))))
             images, image_mask = pad_images([tensors[i] for i in which])
-            memory, mask = model.encode(images.to(device), image_mask.to(device))
+            memory, mask = model.encode(images.to(device, non_blocking=True), image_mask.to(device, non_blocking=True))
             run(memory, mask, which)
         return results  # type: ignore[return-value]
 
     encoded = []
     for t in tensors:
         images, image_mask = pad_images([t])  # one image: no padding, an all-False mask
-        encoded.append(model.encode(images.to(device), image_mask.to(device)))
+        encoded.append(model.encode(images.to(device, non_blocking=True), image_mask.to(device, non_blocking=True)))
     shareable = (stepper or model.decoder).capabilities.memory_padding_invariant and \
         model.decoder.capabilities.memory_padding_invariant
     if not shareable:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..decoders.base import length_chunks
+from ..layers.memory_layout import host_to_device
 from ..sequence import direction_tokens
 from .beam import Hypothesis
 
@@ -27,11 +29,13 @@ def rescore_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mas
         items = [(i, h) for i, hyps in enumerate(per_image) for h in hyps if h.direction == found_by]
         if not items:
             continue
-        index = torch.tensor([i for i, _ in items], dtype=torch.long, device=memory.device)
+        images = [i for i, _ in items]
+        # a decoder that groups rows by image on the host takes the index as a list (no read of the device)
+        index = images if getattr(decoder, "takes_memory_rows", False) else host_to_device(images, memory.device)
         rated = decoder.log_likelihood(memory, memory_mask, [h.tokens for _, h in items], OPPOSITE[found_by],
-                                       memory_index=index).float().cpu()
+                                       memory_index=index).float().cpu().numpy()
         # float32 sums, as the official adds a float32 tensor to the float32 search score
-        totals = torch.tensor([h.score for _, h in items], dtype=torch.float32) + rated
+        totals = np.asarray([h.score for _, h in items], dtype=np.float32) + rated
         for (_, h), total in zip(items, totals.tolist()):
             h.score = total
 
@@ -47,7 +51,7 @@ def rate_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: 
     at ``max_len`` would otherwise make every row of a batch of images cost ``max_len`` steps."""
     scores = torch.empty(len(tokens), dtype=torch.float32, device=memory.device)
     for chunk in length_chunks([len(t) for t in tokens]):
-        rows = torch.tensor(chunk, dtype=torch.long, device=memory.device)
+        rows = host_to_device(chunk, memory.device)
         scores[rows] = _rate(decoder, memory.index_select(0, rows), memory_mask.index_select(0, rows),
                              [tokens[i] for i in chunk], [directions[i] for i in chunk], sos_id=sos_id,
                              eos_id=eos_id, pad_id=pad_id, alpha=alpha).float()
@@ -57,18 +61,17 @@ def rate_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: 
 def _rate(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: list[list[int]],
           directions: list[str], *, sos_id: int, eos_id: int, pad_id: int, alpha: float) -> torch.Tensor:
     """One padded teacher-forced pass of :func:`rate_by_opposite_direction`."""
-    device = memory.device
     length = max(len(t) for t in tokens) + 1
-    inputs = torch.full((len(tokens), length), pad_id, dtype=torch.long, device=device)
-    targets = torch.full((len(tokens), length), pad_id, dtype=torch.long, device=device)
-    for i, (seq, d) in enumerate(zip(tokens, directions)):
+    # built on the host and sent in one queued copy (not one blocking copy per row)
+    inputs, targets = [], []
+    for seq, d in zip(tokens, directions):
         begin, stop = direction_tokens(sos_id, eos_id, d)
-        body = seq[::-1] if d == "r2l" else seq
-        inputs[i, 0] = begin
-        if body:
-            inputs[i, 1:1 + len(body)] = torch.tensor(body, dtype=torch.long)
-            targets[i, :len(body)] = torch.tensor(body, dtype=torch.long)
-        targets[i, len(body)] = stop
+        body = list(seq[::-1] if d == "r2l" else seq)
+        pad = [pad_id] * (length - 1 - len(body))
+        inputs += [begin] + body + pad
+        targets += body + [stop] + pad
+    both = host_to_device(inputs + targets, memory.device).view(2, len(tokens), length)
+    inputs, targets = both[0], both[1]
     mixed = len(set(directions)) > 1
     logits = decoder.prefix_logits(memory, memory_mask, inputs, list(directions) if mixed else directions[0])
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad_id,

@@ -7,8 +7,18 @@ keys/values are read once per step by all of its rows (see ``MultiheadAttention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+
+def host_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of host-known integers on ``device`` without waiting for the device: the copy is queued
+    (from pinned memory on CUDA, where a pageable source could make the copy wait for the stream)."""
+    out = torch.tensor(list(values), dtype=torch.long)
+    if device.type == "cuda":
+        out = out.pin_memory()
+    return out.to(device, non_blocking=True)
 
 
 @dataclass
@@ -32,6 +42,22 @@ class RowLayout:
         slot = torch.empty_like(memory_row)
         slot[order] = torch.arange(memory_row.numel(), device=memory_row.device) - starts[memory_row[order]]
         return cls(memory_row=memory_row, slot=slot, width=max(int(counts.max()), 1) if memory_row.numel() else 1)
+
+    @classmethod
+    def of_host(cls, memory_row: Sequence[int], images: Sequence[int], device: torch.device) -> "RowLayout":
+        """:meth:`of` for rows whose memory rows the caller knows on the host: row i reads ``memory_row[i]``, one
+        of ``images`` (sorted), and sits in the grid at that image's index in ``images``. One queued copy."""
+        where = {image: i for i, image in enumerate(images)}
+        counts = [0] * len(images)
+        index, slot = [], []
+        for image in memory_row:
+            i = where[image]
+            index.append(i)
+            slot.append(counts[i])
+            counts[i] += 1
+        both = host_to_device(index + slot, device)
+        n = len(index)
+        return cls(memory_row=both[:n], slot=both[n:], width=max(max(counts, default=1), 1))
 
     def to_grid(self, rows: torch.Tensor, num_memory: int) -> torch.Tensor:
         """rows [N,...] -> grid [M, width, ...], zeros in the slots no row fills."""
@@ -61,13 +87,25 @@ class CrossMemory:
 
     @classmethod
     def select(cls, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor,
-               images: torch.Tensor, compact: bool = True) -> "CrossMemory":
-        if images.numel() != mask.shape[0] or not bool(torch.equal(images, torch.arange(mask.shape[0],
-                                                                                        device=images.device))):
+               images: torch.Tensor, compact: bool = True, *, all_images: bool | None = None,
+               positions: Sequence[int] | None = None) -> "CrossMemory":
+        """``all_images``: whether ``images`` is every memory row in order, when the caller knows it (None: compared
+        on the device, a host read). ``positions``: the memory positions to keep, when the caller worked them out
+        on the host (replaces ``compact``'s device-side search for them)."""
+        if all_images is None:
+            all_images = images.numel() == mask.shape[0] and bool(
+                torch.equal(images, torch.arange(mask.shape[0], device=images.device)))
+        if not all_images:
             mask = mask.index_select(0, images)
             keys = [k.index_select(0, images) for k in keys]
             values = [v.index_select(0, images) for v in values]
-        if compact:
+        if positions is not None:
+            if len(positions) < mask.shape[-1]:
+                kept = host_to_device(positions, mask.device)
+                mask = mask.index_select(3, kept)
+                keys = [k.index_select(2, kept) for k in keys]
+                values = [v.index_select(2, kept) for v in values]
+        elif compact:
             used = mask[:, 0, 0, :].any(0)
             if not bool(used.all()):
                 positions = used.nonzero().squeeze(1)
