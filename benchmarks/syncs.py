@@ -47,6 +47,8 @@ TINY = {
     "comer": ["model.decoder.dc=8"],
     "abm": ["model.decoder.hidden_size=16", "model.decoder.embed_dim=16", "model.decoder.attention_dim=16",
             "model.decoder.coverage_channels=8"],
+    "can": ["model.decoder.hidden_size=16", "model.decoder.embed_dim=16", "model.decoder.attention_dim=16",
+            "model.decoder.coverage_channels=8", "model.decoder.counting_channels=32"],
 }
 COLUMNS = ("train step", "greedy step", "beam step", "beam once", "bool-mask index")
 
@@ -63,7 +65,7 @@ def tiny_overrides(recipe: dict) -> list[str]:
     model = recipe.get("model") or {}
     decoder = (model.get("decoder") or {}).get("type")
     out = list(TINY["densenet"]) if (model.get("encoder") or {}).get("type") == "densenet" else []
-    out += TINY["abm"] if decoder == "abm" else TINY["transformer"]
+    out += TINY[decoder] if decoder in ("abm", "can") else TINY["transformer"]
     out += TINY["comer"] if decoder == "comer" else []
     return out
 

@@ -6,7 +6,9 @@ import torch
 
 from benchmark_modules import load_benchmark
 
-RECIPES = ("abm", "bttr", "comer", "hmer_mtl")
+# every shipped recipe that decodes (the Mask & Match pre-training stages have no decoder)
+RECIPES = ("abm", "bttr", "can", "comer", "comer_count", "comer_implicit_skeleton", "comer_implicit_tree", "hmer_mtl",
+           "ical", "mask_match", "posformer", "tamer")
 
 
 @pytest.mark.parametrize("name", RECIPES)

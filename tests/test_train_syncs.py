@@ -14,7 +14,9 @@ from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensor
 # Upper bounds per training step (benchmarks/syncs.py's tiny models, fp32, one step after a warm-up). The one read
 # every recipe has is train_step's single .tolist() of the losses and gradient norm (the ARM's masked BatchNorm
 # takes its statistics from masked sums, so CoMER and HMER-MTL add none).
-TRAIN_STEP_SYNCS = {"abm": 1, "bttr": 1, "comer": 1, "hmer_mtl": 1}
+TRAIN_STEP_SYNCS = {name: 1 for name in ("abm", "bttr", "can", "comer", "comer_count", "comer_implicit_skeleton",
+                                         "comer_implicit_tree", "hmer_mtl", "ical", "mask_match", "posformer",
+                                         "tamer")}
 
 
 @pytest.mark.parametrize("name", sorted(TRAIN_STEP_SYNCS))

@@ -200,10 +200,11 @@ class TransformerSequenceDecoder(SequenceDecoder):
         return x, new_k, new_v
 
     def decode(self, memory: torch.Tensor, mask: torch.Tensor, inputs: torch.Tensor, rows_per_image: int = 1,
-               memory_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               memory_index: torch.Tensor | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced pass over given decoder inputs [N,L] (start token first, ``<pad>``-padded).
 
-        Which image row r reads: ``memory_index[r]`` when given (rescoring many hypotheses of a few images), else
+        Which image row r reads: ``memory_index[r]`` when given (rescoring many hypotheses of a few images; a host
+        list is grouped per image on the host, a tensor on the device), else
         image r % B with N = rows_per_image * B (the official [L2R; R2L] stacking). Either way the memory's
         keys/values are projected once per image. Returns (logits [N,L,V], hidden [N,L,d]).
         """
@@ -211,6 +212,11 @@ class TransformerSequenceDecoder(SequenceDecoder):
         keys, values = self._cross_key_values(flat)
         cross_mask = (~flat_mask)[:, None, None, :]
         if memory_index is not None:
+            if not isinstance(memory_index, torch.Tensor):  # a host list (takes_memory_rows): grouped on the host
+                host_rows = [int(i) for i in memory_index]
+                valid = (~flat_mask).cpu().numpy() if self.compact_memory else None
+                return self._decode_rows(inputs, keys, values, cross_mask, mask.bool(),
+                                         host_to_device(host_rows, inputs.device), host_rows, valid)
             return self._decode_rows(inputs, keys, values, cross_mask, mask.bool(), memory_index)
         row_mask = mask.bool().repeat(rows_per_image, *([1] * (mask.dim() - 1)))
         keys = [k.repeat(rows_per_image, 1, 1, 1) for k in keys]

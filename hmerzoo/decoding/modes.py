@@ -154,7 +154,7 @@ def tamer_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, 
     results = comer_search(decoder, memory, memory_mask, config, sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
                            stepper=stepper)
     hyps = [h for r in results for h in r.hypotheses]
-    rows = torch.tensor([i for i, r in enumerate(results) for _ in r.hypotheses], device=memory.device)
+    rows = [i for i, r in enumerate(results) for _ in r.hypotheses]  # on the host: grouped without device reads
     structure, illegal = scorer.score_hypotheses(decoder, memory, memory_mask, [h.tokens for h in hyps], rows)
     total = torch.tensor([h.score for h in hyps], dtype=torch.float32) + structure
     total = total.masked_fill(torch.tensor(illegal, dtype=torch.bool), float("-inf"))

@@ -117,20 +117,20 @@ class TreeStructureHead(nn.Module):
 
     @torch.no_grad()
     def score_hypotheses(self, decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor,
-                         tokens: list[list[int]], memory_index: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+                         tokens: list[list[int]], memory_index: Sequence[int]) -> tuple[torch.Tensor, list[bool]]:
         """The official search's structure score of each hypothesis (reading order; it reads memory row
-        ``memory_index[i]``): the mean over both directions of ``sum log p(parent) / #targets``, and whether the
+        ``memory_index[i]``, a host list): the mean over both directions of ``sum log p(parent) / #targets``, and whether the
         hypothesis is illegal. Hypotheses of similar length are scored together. ([N] float32 on the host, [N])"""
         scores = torch.zeros(len(tokens), dtype=torch.float32)
         illegal: list[bool] = [False] * len(tokens)
         for chunk in length_chunks([len(t) for t in tokens]):
             seqs = [tokens[i] for i in chunk]
-            rows = torch.tensor(chunk, device=memory.device)
+            chunk_rows = [memory_index[i] for i in chunk]
             total = torch.zeros(len(chunk), dtype=torch.float32, device=memory.device)
             for direction in DIRECTIONS:
                 inputs, _ = teacher_forcing_tensors(seqs, direction, self.sos_id, self.eos_id, self.pad_id,
                                                     memory.device)
-                _, hidden = decoder.decode(memory, memory_mask, inputs, memory_index=memory_index.index_select(0, rows))
+                _, hidden = decoder.decode(memory, memory_mask, inputs, memory_index=chunk_rows)
                 sim = self.similarity(hidden, inputs == self.pad_id, [direction] * len(chunk)).float()
                 targets, bad = self.targets(seqs, [direction] * len(chunk), inputs.shape[1])
                 targets = to_device(targets, sim.device)
