@@ -81,7 +81,8 @@ class TransformerStep(nn.Module):
             state = SimpleNamespace(image_mask=image_mask, row_image=torch.arange(tokens.shape[0]),
                                     raw_sum=list(caches[4 * n:5 * n]), used_sum=list(caches[5 * n:6 * n]))
             # the hook decoder.step uses, on a state holding just what it reads
-            hook = _IncrementalCoverage(d, state)  # type: ignore[arg-type]
+            keep = d._coverage_keep(tokens[:, None])  # PosFormer's coverage_skip: this step's input decides
+            hook = _IncrementalCoverage(d, state, None if keep is None else keep[:, :1, None])  # type: ignore[arg-type]
         x, new_k, new_v = d._run_layers(x, cross_k, cross_v, (~self_pad)[:, None, None, :],
                                         cross_valid[:, None, None, :], None, hook, past_k=self_k, past_v=self_v)
         out = [d.proj(x[:, 0]), self_pad, *new_k, *new_v]
