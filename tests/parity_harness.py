@@ -55,9 +55,23 @@ def load_fixture(directory: Path, name: str, tmp_path_factory: pytest.TempPathFa
         _LOADED[directory] = {
             "dir": directory, "converted": out, "model": hmerzoo.load_model(out), "meta": meta, "golden": golden,
             "official": load_file(str(directory / "state_dict.safetensors")),
-            "scores": json.loads((directory / "single_image_scores.json").read_text()),
+            "scores": (json.loads((directory / "single_image_scores.json").read_text())
+                       if (directory / "single_image_scores.json").is_file() else None),
             "tokens": [s["token_ids"] for s in meta["samples"]], "images": images, "image_mask": image_mask}
     return _LOADED[directory]
+
+
+GOLDENS = Path(__file__).resolve().parent / "goldens"
+
+
+def load_golden(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """:func:`load_fixture` for the goldens generated in this repository (``tests/goldens/<name>``, from the
+    official code by ``tools/gen_<name>_goldens.py``), plus the encoded fixture batch (``memory``, ``mask``)."""
+    fixture = load_fixture(GOLDENS / name, name, tmp_path_factory)
+    if "memory" not in fixture:
+        with torch.no_grad():
+            fixture["memory"], fixture["mask"] = fixture["model"].encode(fixture["images"], fixture["image_mask"])
+    return fixture
 
 
 def encode(fixture: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,30 +28,17 @@ from hmerzoo.errors import CheckpointError, RecipeError
 from hmerzoo.heads.implicit_characters import ImplicitCharacterHead, implicit_latex
 from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
-from parity_harness import step_logits
+from parity_harness import load_golden, step_logits
 
 GOLDENS = Path(__file__).resolve().parent / "goldens" / "ical"
 TOL = dict(atol=1e-4, rtol=1e-4)
 SCORE_TOL = 1e-4
 ICAL_SPECIALS = ["<pad>", "<sos>", "<eos>", "<space>"]
-_CACHE: dict[str, dict] = {}
 
 
 @pytest.fixture
 def ical(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if "ical" not in _CACHE:
-        from safetensors.torch import load_file
-
-        meta = json.loads((GOLDENS / "meta.json").read_text())
-        out = convert("ical", GOLDENS / "state_dict.safetensors", tmp_path_factory.mktemp("ical_converted"))
-        golden = load_file(str(GOLDENS / "golden.safetensors"))
-        model = hmerzoo.load_model(out)
-        with torch.no_grad():
-            memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        _CACHE["ical"] = {"meta": meta, "converted": out, "golden": golden, "model": model, "memory": memory,
-                          "mask": mask, "official": load_file(str(GOLDENS / "state_dict.safetensors")),
-                          "tokens": [s["token_ids"] for s in meta["samples"]]}
-    return _CACHE["ical"]
+    return load_golden("ical", tmp_path_factory)
 
 
 def single_image(i: int) -> torch.Tensor:

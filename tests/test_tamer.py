@@ -28,33 +28,18 @@ from hmerzoo.heads.latex_tree import IllegalLatex, parents, structure_targets
 from hmerzoo.heads.tree_structure import TreeStructureHead
 from hmerzoo.sequence import IGNORE_INDEX
 from hmerzoo.vocab import Vocabulary
-from parity_harness import step_logits
+from parity_harness import load_golden, step_logits
 
 GOLDENS = Path(__file__).resolve().parent / "goldens" / "tamer"
 TOL = dict(atol=1e-4, rtol=1e-4)
 SCORE_TOL = 1e-4
-_CACHE: dict[str, dict] = {}
 needs_goldens = pytest.mark.skipif(not (GOLDENS / "state_dict.safetensors").is_file(),
                                    reason=f"TAMER goldens not found in {GOLDENS}")
 
 
 @pytest.fixture
 def tamer(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not (GOLDENS / "state_dict.safetensors").is_file():
-        pytest.skip(f"TAMER goldens not found in {GOLDENS}")
-    if "tamer" not in _CACHE:
-        from safetensors.torch import load_file
-
-        meta = json.loads((GOLDENS / "meta.json").read_text())
-        out = convert("tamer", GOLDENS / "state_dict.safetensors", tmp_path_factory.mktemp("tamer_converted"))
-        golden = load_file(str(GOLDENS / "golden.safetensors"))
-        model = hmerzoo.load_model(out)
-        with torch.no_grad():
-            memory, mask = model.encode(golden["input.img"], golden["input.img_mask"])
-        _CACHE["tamer"] = {"meta": meta, "converted": out, "golden": golden, "model": model, "memory": memory,
-                           "mask": mask, "official": load_file(str(GOLDENS / "state_dict.safetensors")),
-                           "tokens": [s["token_ids"] for s in meta["samples"]]}
-    return _CACHE["tamer"]
+    return load_golden("tamer", tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
