@@ -7,8 +7,13 @@ Transformer decoders (BTTR, CoMER, HMER-MTL), N rows, t tokens read so far, S = 
     init:  memory [B,h,w,d], memory_mask [B,h,w] -> cross_k.i / cross_v.i [B,H,S,hd] per layer i, cross_valid [B,S]
     step:  tokens [N], position [1], cross_valid [N,S], image_mask [N,h,w], self_pad [N,t],
            self_k.i / self_v.i [N,H,t,hd], cross_k.i / cross_v.i [N,H,S,hd]
-           (+ CoMER's running coverage raw_sum.i / used_sum.i [N,H,S])
+           (+ CoMER's running coverage raw_sum.i / used_sum.i [N,H,S]; + ICAL's SCCM cache sccm_k / sccm_v [N,H',t,hd'])
         -> logits [N,V], self_pad' [N,t+1], self_k.i' / self_v.i' [N,H,t+1,hd] (+ raw_sum.i' / used_sum.i')
+           (+ sccm_k' / sccm_v' [N,H',t+1,hd'])
+
+PosFormer's ``coverage_skip`` is inside the step graph: whether a row's attention joins the running coverage is
+decided from its input token there. ICAL's output layer (``attach_output``: the fused explicit/implicit logits) is
+in the step graph too, with its SCCM key/value cache as state.
 
 ABM, one pair of graphs per branch (direction):
 
@@ -65,10 +70,17 @@ class TransformerStep(nn.Module):
         self.decoder = decoder
         self.num_layers = len(decoder.layers)
         self.coverage = isinstance(decoder, CoMERDecoder) and decoder.arm is not None
+        # PosFormer's coverage_skip: the ids whose step's attention stays out of the running coverage
+        skip = list(getattr(decoder, "_skip_ids", [])) if self.coverage else []
+        self.skips = bool(skip)
+        self.register_buffer("skip_ids", torch.tensor(skip or [-1]), persistent=False)
+        # ICAL: the attached output layer (fusion with the SCCM) replaces proj; its key/value cache is step state
+        self.output = decoder.__dict__.get("_output")
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, cross_valid: torch.Tensor,
                 image_mask: torch.Tensor, self_pad: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d, n = self.decoder, self.num_layers
+        extra = 6 * n if self.coverage else 4 * n
         self_k, self_v = list(caches[:n]), list(caches[n:2 * n])
         cross_k, cross_v = list(caches[2 * n:3 * n]), list(caches[3 * n:4 * n])
         x = d.embed_norm(d.word_embed(tokens[:, None]))
@@ -81,12 +93,19 @@ class TransformerStep(nn.Module):
             state = SimpleNamespace(image_mask=image_mask, row_image=torch.arange(tokens.shape[0]),
                                     raw_sum=list(caches[4 * n:5 * n]), used_sum=list(caches[5 * n:6 * n]))
             # the hook decoder.step uses, on a state holding just what it reads
-            hook = _IncrementalCoverage(d, state)  # type: ignore[arg-type]
+            keep = (tokens[:, None] != self.skip_ids[None]).all(1).float()[:, None, None] if self.skips else None
+            hook = _IncrementalCoverage(d, state, keep)  # type: ignore[arg-type]
         x, new_k, new_v = d._run_layers(x, cross_k, cross_v, (~self_pad)[:, None, None, :],
                                         cross_valid[:, None, None, :], None, hook, past_k=self_k, past_v=self_v)
-        out = [d.proj(x[:, 0]), self_pad, *new_k, *new_v]
+        if self.output is None:
+            out = [d.proj(x[:, 0]), self_pad, *new_k, *new_v]
+        else:
+            logits, (sccm_k, sccm_v) = self.output.step_output(x[:, 0], self_pad, (caches[extra], caches[extra + 1]))
+            out = [logits, self_pad, *new_k, *new_v]
         if hook is not None:
             out += [*hook.raw_sum, *hook.used_sum]
+        if self.output is not None:
+            out += [sccm_k, sccm_v]
         return tuple(out)
 
 
@@ -124,10 +143,11 @@ class ABMStep(nn.Module):
         return branch.output(context, h2, embedded), h2, coverage + attention
 
 
-def transformer_names(num_layers: int, coverage: bool) -> dict[str, list[str]]:
+def transformer_names(num_layers: int, coverage: bool, output_cache: bool = False) -> dict[str, list[str]]:
     """Input/output names of the transformer graphs (the runtime feeds and reads them by name)."""
     per_layer = lambda prefix: [f"{prefix}.{i}" for i in range(num_layers)]  # noqa: E731
     sums = per_layer("raw_sum") + per_layer("used_sum") if coverage else []
+    sums += ["sccm_k", "sccm_v"] if output_cache else []
     caches = per_layer("self_k") + per_layer("self_v")
     return {
         "init_in": ["memory", "memory_mask"],

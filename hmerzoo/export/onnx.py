@@ -103,7 +103,8 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
                         out: Path) -> dict[str, Any]:
     layers = len(decoder.layers)
     coverage = isinstance(decoder, CoMERDecoder) and decoder.arm is not None
-    names = transformer_names(layers, coverage)
+    output = decoder.__dict__.get("_output")  # ICAL's fused output layer, with its own cache
+    names = transformer_names(layers, coverage, output is not None)
     memory_axes = {"memory": {0: "batch", 1: "h", 2: "w"}, "memory_mask": {0: "batch", 1: "h", 2: "w"},
                    "cross_valid": {0: "batch", 1: "positions"}}
     memory_axes.update({n: {0: "batch", 2: "positions"} for n in names["init_out"] if n != "cross_valid"})
@@ -118,6 +119,11 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
     past = [torch.randn(n, heads, 2, head_dim) for _ in range(2 * layers)]
     sums = [torch.rand(n, heads, cross_valid.shape[1]) * cross_valid[:, None] for _ in range(2 * layers)] \
         if coverage else []
+    output_spec: dict[str, Any] = {}
+    if output is not None:
+        attn = output.sccm.self_attn
+        output_spec = {"output_heads": attn.nhead, "output_head_dim": attn.head_dim}
+        sums += [torch.randn(n, attn.nhead, 2, attn.head_dim) for _ in range(2)]
     args = (torch.tensor([5, 6, 7]), torch.tensor([2]), cross_valid, memory_mask.index_select(0, rows),
             torch.zeros(n, 2, dtype=torch.bool), *past, *cross, *sums)
     axes: dict[str, dict[int, str]] = {"tokens": {0: "rows"}, "cross_valid": {0: "rows", 1: "positions"},
@@ -125,13 +131,13 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
                                        "logits": {0: "rows"}, "self_pad.out": {0: "rows", 1: "past_next"}}
     for name in names["step_in"][5:]:
         kind = name.split(".")[0]
-        axes[name] = {0: "rows", 2: "past" if kind in ("self_k", "self_v") else "positions"}
+        axes[name] = {0: "rows", 2: "past" if kind in ("self_k", "self_v", "sccm_k", "sccm_v") else "positions"}
     for name in names["step_out"][2:]:
         kind = name.split(".")[0]
-        axes[name] = {0: "rows", 2: "past_next" if kind in ("self_k", "self_v") else "positions"}
+        axes[name] = {0: "rows", 2: "past_next" if kind in ("self_k", "self_v", "sccm_k", "sccm_v") else "positions"}
     _export(TransformerStep(decoder), args, out / "decoder_step.onnx", names["step_in"], names["step_out"], axes)
     return {"family": "transformer", "num_layers": layers, "nhead": heads, "head_dim": head_dim,
-            "coverage": coverage, "names": names,
+            "coverage": coverage, "names": names, **output_spec,
             "graphs": {"init": "decoder_init.onnx", "step": "decoder_step.onnx"}}
 
 

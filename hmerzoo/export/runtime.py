@@ -94,6 +94,9 @@ class OnnxDecoder(SequenceDecoder):
             if spec["coverage"]:
                 positions = arrays["cross_valid"].shape[1]
                 arrays[f"raw_sum.{i}"] = arrays[f"used_sum.{i}"] = np.zeros((n, spec["nhead"], positions), np.float32)
+        if "output_heads" in spec:  # ICAL's SCCM key/value cache: empty before the first step
+            arrays["sccm_k"] = arrays["sccm_v"] = np.zeros((n, spec["output_heads"], 0, spec["output_head_dim"]),
+                                                          dtype=np.float32)
         return OnnxState(direction=direction if isinstance(direction, str) else directions, arrays=arrays)
 
     def step(self, state: OnnxState, last_tokens: torch.Tensor) -> tuple[torch.Tensor, OnnxState]:
