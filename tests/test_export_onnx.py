@@ -37,7 +37,7 @@ def exported(system: str, fixture: dict, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("system", ["bttr", "comer", "hmer_mtl", "abm", "posformer", "ical"])
+@pytest.mark.parametrize("system", ["bttr", "comer", "hmer_mtl", "abm", "posformer", "ical", "can"])
 def test_onnxruntime_search_matches_pytorch(system, parity_dir, tmp_path_factory):
     fixture = system_fixture(parity_dir, system, tmp_path_factory)
     model = fixture["model"]

@@ -21,6 +21,12 @@ ABM, one pair of graphs per branch (direction):
     step:  tokens [N], hidden [N,n], coverage [N,h,w], memory [N,D,h,w], keys [N,A,h,w], memory_mask [N,h,w]
         -> logits [N,V], hidden' [N,n], coverage' [N,h,w]
 
+CAN (one direction; the counting module's count vector, projected, is computed once per image by the init graph):
+
+    init:  memory [B,D,h,w], memory_mask [B,h,w] -> keys [B,A,h,w], hidden [B,n], valid [B,h,w], count_context [B,n]
+    step:  tokens [N], hidden [N,n], coverage [N,h,w], memory [N,D,h,w], keys [N,A,h,w], valid [N,h,w],
+           count_context [N,n] -> logits [N,V], hidden' [N,n], coverage' [N,h,w]
+
 Each step module runs the decoder's own layers and hooks, so the graphs compute what ``decoder.step`` does; the
 only thing rewritten here is the word position lookup, which takes the position as a tensor (a Python int would be
 frozen into the graph by tracing).
@@ -34,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..decoders.abm import ABMDecoder
+from ..decoders.can import CANDecoder
 from ..decoders.comer import CoMERDecoder, _IncrementalCoverage
 from ..decoders.transformer import TransformerSequenceDecoder
 
@@ -143,6 +150,40 @@ class ABMStep(nn.Module):
         return branch.output(context, h2, embedded), h2, coverage + attention
 
 
+class CANInit(nn.Module):
+    """CAN's per-image state: attention keys, initial GRU state, valid region and the projected count vector."""
+
+    def __init__(self, decoder: CANDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        d = self.decoder
+        mask = memory_mask.bool()
+        valid = (~mask).to(memory.dtype)
+        _, count_vector = d.counting(memory, mask)
+        return d.keys(memory, valid), d.initial_hidden(memory, valid), valid, d.counting_proj(count_vector)
+
+
+class CANStep(nn.Module):
+    """One step of CAN's decoder: ``CANDecoder.step`` with the GRU state and the coverage as inputs/outputs."""
+
+    def __init__(self, decoder: CANDecoder):
+        super().__init__()
+        self.decoder = decoder
+        # the fused coverage kernel as a constant (as ABMStep's)
+        self.register_buffer("kernel", decoder.attention.coverage_kernel().detach().clone(), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, coverage: torch.Tensor, memory: torch.Tensor,
+                keys: torch.Tensor, valid: torch.Tensor,
+                count_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.decoder
+        embedded = d.embedding(tokens)
+        hidden = d.gru(embedded, hidden)
+        context, attention = d.attention(hidden, memory, keys, valid, coverage, self.kernel)
+        return d.output(hidden, embedded, context, count_context), hidden, coverage + attention
+
+
 def transformer_names(num_layers: int, coverage: bool, output_cache: bool = False) -> dict[str, list[str]]:
     """Input/output names of the transformer graphs (the runtime feeds and reads them by name)."""
     per_layer = lambda prefix: [f"{prefix}.{i}" for i in range(num_layers)]  # noqa: E731
@@ -160,4 +201,8 @@ def transformer_names(num_layers: int, coverage: bool, output_cache: bool = Fals
 
 ABM_NAMES = {"init_in": ["memory", "memory_mask"], "init_out": ["keys", "hidden"],
              "step_in": ["tokens", "hidden", "coverage", "memory", "keys", "memory_mask"],
+             "step_out": ["logits", "hidden.out", "coverage.out"]}
+
+CAN_NAMES = {"init_in": ["memory", "memory_mask"], "init_out": ["keys", "hidden", "valid", "count_context"],
+             "step_in": ["tokens", "hidden", "coverage", "memory", "keys", "valid", "count_context"],
              "step_out": ["logits", "hidden.out", "coverage.out"]}

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from ..decoders.abm import ABMDecoder
+from ..decoders.can import CANDecoder
 from ..decoders.comer import CoMERDecoder
 from ..decoders.transformer import TransformerSequenceDecoder
 from ..errors import HmerzooError
-from .graphs import (ABM_NAMES, ABMInit, ABMStep, Encoder, TransformerInit, TransformerStep,
-                     transformer_names)
+from .graphs import (ABM_NAMES, CAN_NAMES, ABMInit, ABMStep, CANInit, CANStep, Encoder, TransformerInit,
+                     TransformerStep, transformer_names)
 
 EXPORT_FILE = "export.json"
 FORMAT_VERSION = 1
@@ -62,9 +63,9 @@ def export_onnx(model: Any, out_dir: str | Path) -> Path:
     import yaml
 
     decoder = model.decoder
-    if not isinstance(decoder, (TransformerSequenceDecoder, ABMDecoder)):
+    if not isinstance(decoder, (TransformerSequenceDecoder, ABMDecoder, CANDecoder)):
         raise HmerzooError(f"export: the {type(decoder).__name__} decoder has no ONNX step graph (supported: "
-                           "bttr, comer (hmer_mtl) and abm decoders)")
+                           "transformer (bttr, comer and the systems built on them), abm and can decoders)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -89,6 +90,8 @@ def export_onnx(model: Any, out_dir: str | Path) -> Path:
             "encoder": "encoder.onnx"}
         if isinstance(decoder, TransformerSequenceDecoder):
             spec.update(_export_transformer(decoder, memory, memory_mask, out))
+        elif isinstance(decoder, CANDecoder):
+            spec.update(_export_can(decoder, memory, memory_mask, out))
         else:
             spec.update(_export_abm(decoder, memory, memory_mask, out))
         model.vocab.save(str(out / "vocab.json"))
@@ -163,3 +166,24 @@ def _export_abm(decoder: ABMDecoder, memory: torch.Tensor, memory_mask: torch.Te
                 step_axes)
         graphs[direction] = {"init": init_file, "step": step_file}
     return {"family": "abm", "names": ABM_NAMES, "graphs": graphs}
+
+
+def _export_can(decoder: CANDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, out: Path) -> dict[str, Any]:
+    image_axes = {"memory": {0: "batch", 2: "h", 3: "w"}, "memory_mask": {0: "batch", 1: "h", 2: "w"},
+                  "keys": {0: "batch", 2: "h", 3: "w"}, "hidden": {0: "batch"}, "valid": {0: "batch", 1: "h", 2: "w"},
+                  "count_context": {0: "batch"}}
+    _export(CANInit(decoder), (memory, memory_mask), out / "decoder_init.onnx", CAN_NAMES["init_in"],
+            CAN_NAMES["init_out"], image_axes)
+    keys, hidden, valid, count_context = CANInit(decoder)(memory, memory_mask)
+    rows = torch.tensor([0, 1, 1])
+    pick = lambda t: t.index_select(0, rows)  # noqa: E731
+    coverage = torch.rand(3, *valid.shape[1:]) * pick(valid)
+    args = (torch.tensor([5, 6, 7]), pick(hidden), coverage, pick(memory), pick(keys), pick(valid),
+            pick(count_context))
+    step_axes = {"tokens": {0: "rows"}, "hidden": {0: "rows"}, "coverage": {0: "rows", 1: "h", 2: "w"},
+                 "memory": {0: "rows", 2: "h", 3: "w"}, "keys": {0: "rows", 2: "h", 3: "w"},
+                 "valid": {0: "rows", 1: "h", 2: "w"}, "count_context": {0: "rows"}, "logits": {0: "rows"},
+                 "hidden.out": {0: "rows"}, "coverage.out": {0: "rows", 1: "h", 2: "w"}}
+    _export(CANStep(decoder), args, out / "decoder_step.onnx", CAN_NAMES["step_in"], CAN_NAMES["step_out"],
+            step_axes)
+    return {"family": "can", "names": CAN_NAMES, "graphs": {"init": "decoder_init.onnx", "step": "decoder_step.onnx"}}

@@ -84,6 +84,10 @@ class OnnxDecoder(SequenceDecoder):
                       "memory_mask": feeds["memory_mask"],
                       "coverage": np.zeros((n, *memory.shape[2:]), dtype=np.float32)}
             return OnnxState(direction=direction, arrays=arrays)
+        if self.family == "can":
+            arrays = {**init, "memory": feeds["memory"],
+                      "coverage": np.zeros((n, *memory.shape[2:]), dtype=np.float32)}
+            return OnnxState(direction="l2r", arrays=arrays)
         spec = self.spec
         arrays = dict(init)
         arrays["image_mask"] = feeds["memory_mask"]
