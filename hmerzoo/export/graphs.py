@@ -11,6 +11,10 @@ Transformer decoders (BTTR, CoMER, HMER-MTL), N rows, t tokens read so far, S = 
         -> logits [N,V], self_pad' [N,t+1], self_k.i' / self_v.i' [N,H,t+1,hd] (+ raw_sum.i' / used_sum.i')
            (+ sccm_k' / sccm_v' [N,H',t+1,hd'])
 
+TAMER: the step also returns ``hidden`` [N,d] (the last layer's state), and each direction's structure module is a
+graph ``structure_<direction>``: hidden [N,L,d], pad [N,L] -> sim [N,L,L] (see :class:`OnnxStructureScorer` in
+:mod:`.runtime`).
+
 PosFormer's ``coverage_skip`` is inside the step graph: whether a row's attention joins the running coverage is
 decided from its input token there. ICAL's output layer (``attach_output``: the fused explicit/implicit logits) is
 in the step graph too, with its SCCM key/value cache as state.
@@ -83,6 +87,9 @@ class TransformerStep(nn.Module):
         self.register_buffer("skip_ids", torch.tensor(skip or [-1]), persistent=False)
         # ICAL: the attached output layer (fusion with the SCCM) replaces proj; its key/value cache is step state
         self.output = decoder.__dict__.get("_output")
+        # TAMER: the structure rescorer reads the last layer's states of teacher-forced hypotheses (the runtime steps
+        # this graph over them), so the step also returns them
+        self.hidden = decoder.__dict__.get("rescorer") is not None
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, cross_valid: torch.Tensor,
                 image_mask: torch.Tensor, self_pad: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -113,6 +120,8 @@ class TransformerStep(nn.Module):
             out += [*hook.raw_sum, *hook.used_sum]
         if self.output is not None:
             out += [sccm_k, sccm_v]
+        if self.hidden:
+            out.append(x[:, 0])
         return tuple(out)
 
 
@@ -184,7 +193,8 @@ class CANStep(nn.Module):
         return d.output(hidden, embedded, context, count_context), hidden, coverage + attention
 
 
-def transformer_names(num_layers: int, coverage: bool, output_cache: bool = False) -> dict[str, list[str]]:
+def transformer_names(num_layers: int, coverage: bool, output_cache: bool = False,
+                      hidden: bool = False) -> dict[str, list[str]]:
     """Input/output names of the transformer graphs (the runtime feeds and reads them by name)."""
     per_layer = lambda prefix: [f"{prefix}.{i}" for i in range(num_layers)]  # noqa: E731
     sums = per_layer("raw_sum") + per_layer("used_sum") if coverage else []
@@ -195,7 +205,8 @@ def transformer_names(num_layers: int, coverage: bool, output_cache: bool = Fals
         "init_out": per_layer("cross_k") + per_layer("cross_v") + ["cross_valid"],
         "step_in": ["tokens", "position", "cross_valid", "image_mask", "self_pad", *caches,
                     *per_layer("cross_k"), *per_layer("cross_v"), *sums],
-        "step_out": ["logits", "self_pad.out", *[f"{c}.out" for c in caches], *[f"{s}.out" for s in sums]],
+        "step_out": ["logits", "self_pad.out", *[f"{c}.out" for c in caches], *[f"{s}.out" for s in sums],
+                     *(["hidden"] if hidden else [])],
     }
 
 

@@ -107,7 +107,8 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
     layers = len(decoder.layers)
     coverage = isinstance(decoder, CoMERDecoder) and decoder.arm is not None
     output = decoder.__dict__.get("_output")  # ICAL's fused output layer, with its own cache
-    names = transformer_names(layers, coverage, output is not None)
+    rescorer = decoder.__dict__.get("rescorer")  # TAMER's structure head
+    names = transformer_names(layers, coverage, output is not None, rescorer is not None)
     memory_axes = {"memory": {0: "batch", 1: "h", 2: "w"}, "memory_mask": {0: "batch", 1: "h", 2: "w"},
                    "cross_valid": {0: "batch", 1: "positions"}}
     memory_axes.update({n: {0: "batch", 2: "positions"} for n in names["init_out"] if n != "cross_valid"})
@@ -138,7 +139,19 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
     for name in names["step_out"][2:]:
         kind = name.split(".")[0]
         axes[name] = {0: "rows", 2: "past_next" if kind in ("self_k", "self_v", "sccm_k", "sccm_v") else "positions"}
+    axes["hidden"] = {0: "rows"}
     _export(TransformerStep(decoder), args, out / "decoder_step.onnx", names["step_in"], names["step_out"], axes)
+    if rescorer is not None:
+        structure = {}
+        hidden = torch.randn(3, 4, decoder.d_model)
+        pad = torch.zeros(3, 4, dtype=torch.bool)
+        pad[1, 3:] = True
+        for direction in ("l2r", "r2l"):
+            structure[direction] = f"structure_{direction}.onnx"
+            _export(getattr(rescorer, direction), (hidden, pad), out / structure[direction], ["hidden", "pad"],
+                    ["sim"], {"hidden": {0: "rows", 1: "length"}, "pad": {0: "rows", 1: "length"},
+                              "sim": {0: "rows", 1: "length", 2: "length_keys"}})
+        output_spec["structure"] = structure
     return {"family": "transformer", "num_layers": layers, "nhead": heads, "head_dim": head_dim,
             "coverage": coverage, "names": names, **output_spec,
             "graphs": {"init": "decoder_init.onnx", "step": "decoder_step.onnx"}}
