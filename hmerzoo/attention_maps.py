@@ -4,8 +4,10 @@ The search keeps no attention (it would cost memory at every step of every hypot
 is decoded once more, teacher-forced, with attention recording switched on (``MultiheadAttention.recorded``; ABM's
 teacher-forced pass returns its attention anyway):
 
-- BTTR / CoMER / HMER-MTL: the cross-attention over the image memory, averaged over heads and layers (CoMER: the
-  refined attention the values are read with), in the direction that found the chosen hypothesis;
+- BTTR / CoMER / HMER-MTL / ICAL / TAMER / PosFormer: the cross-attention over the image memory, averaged over heads
+  and layers (CoMER and PosFormer: the refined attention the values are read with, PosFormer's with its coverage
+  skip), in the direction that found the chosen hypothesis;
+- CAN: its coverage attention over the features (one GRU decoder, left to right, as ABM's branches);
 - ABM: the attention of the L2R branch (the one ABM decodes with) and, in ``r2l/``, the R2L branch's attention
   on the same tokens (both branches' aggregated coverage attention).
 
@@ -28,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .batch import pad_images
 from .decoders.abm import ABMDecoder
+from .decoders.can import CANDecoder
 from .decoders.transformer import TransformerSequenceDecoder
 from .decoding.recognize import decode_config, image_tensors, recognize_tensors
 from .errors import HmerzooError
@@ -36,6 +39,8 @@ from .sequence import IGNORE_INDEX
 TILE_WIDTH = 320  # width of one token's picture in the contact strip
 STRIP_COLUMNS = 4
 CAPTION_HEIGHT = 28
+# the decoder families whose attention token_attention reads
+ATTENTION_DECODERS = (TransformerSequenceDecoder, ABMDecoder, CANDecoder)
 
 
 @dataclass
@@ -90,9 +95,12 @@ def token_attention(model: Any, image: torch.Tensor, token_ids: list[int], direc
         inputs, targets = decoder._teacher_forcing([token_ids], direction, device)
         _, _, attention = decoder.branch(direction).decode(memory, mask, inputs, targets != IGNORE_INDEX)
         maps = attention[0, :steps].float()
+    elif isinstance(decoder, CANDecoder):
+        inputs, _ = decoder._teacher_forcing([token_ids], device)
+        maps = decoder.decode(memory, mask, inputs)[2]["attention"][0, :steps].float()
     else:
         raise HmerzooError(f"attention pictures: the {type(decoder).__name__} decoder records no attention "
-                           "(supported: transformer decoders - bttr, comer - and abm)")
+                           "(supported: transformer decoders - bttr, comer, ical, tamer, posformer - abm and can)")
     if direction == "r2l":
         maps = maps.flip(0)  # step t wrote the t-th token from the end
     return TokenAttention(direction=direction, tokens=model.vocab.decode(token_ids, strip_specials=False),
@@ -145,7 +153,7 @@ def write_attention(model: Any, image: Any, out_dir: str | Path, decode: dict | 
 def attention_strip_png(model: Any, image: torch.Tensor, recognition: Any) -> bytes | None:
     """The contact strip of a recognition's token maps as PNG bytes (the demo page's picture), or None where the
     decoder records no attention or nothing was recognised. ``image``: [1,h,w] as ``image_tensors`` makes it."""
-    if not recognition.tokens or not isinstance(model.decoder, (TransformerSequenceDecoder, ABMDecoder)):
+    if not recognition.tokens or not isinstance(model.decoder, ATTENTION_DECODERS):
         return None
     # the direction of the hypothesis that was chosen (two-direction modes rank both beams together)
     direction = next((h.direction for h in recognition.hypotheses if list(h.tokens) == list(recognition.tokens)),

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from ..decoders.abm import ABMDecoder
+from ..decoders.can import CANDecoder
 from ..decoders.comer import CoMERDecoder
 from ..decoders.transformer import TransformerSequenceDecoder
 from ..errors import HmerzooError
-from .graphs import (ABM_NAMES, ABMInit, ABMStep, Encoder, TransformerInit, TransformerStep,
-                     transformer_names)
+from .graphs import (ABM_NAMES, CAN_NAMES, ABMInit, ABMStep, CANInit, CANStep, Encoder, TransformerInit,
+                     TransformerStep, transformer_names)
 
 EXPORT_FILE = "export.json"
 FORMAT_VERSION = 1
@@ -62,9 +63,9 @@ def export_onnx(model: Any, out_dir: str | Path) -> Path:
     import yaml
 
     decoder = model.decoder
-    if not isinstance(decoder, (TransformerSequenceDecoder, ABMDecoder)):
+    if not isinstance(decoder, (TransformerSequenceDecoder, ABMDecoder, CANDecoder)):
         raise HmerzooError(f"export: the {type(decoder).__name__} decoder has no ONNX step graph (supported: "
-                           "bttr, comer (hmer_mtl) and abm decoders)")
+                           "transformer (bttr, comer and the systems built on them), abm and can decoders)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -89,6 +90,8 @@ def export_onnx(model: Any, out_dir: str | Path) -> Path:
             "encoder": "encoder.onnx"}
         if isinstance(decoder, TransformerSequenceDecoder):
             spec.update(_export_transformer(decoder, memory, memory_mask, out))
+        elif isinstance(decoder, CANDecoder):
+            spec.update(_export_can(decoder, memory, memory_mask, out))
         else:
             spec.update(_export_abm(decoder, memory, memory_mask, out))
         model.vocab.save(str(out / "vocab.json"))
@@ -103,7 +106,9 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
                         out: Path) -> dict[str, Any]:
     layers = len(decoder.layers)
     coverage = isinstance(decoder, CoMERDecoder) and decoder.arm is not None
-    names = transformer_names(layers, coverage)
+    output = decoder.__dict__.get("_output")  # ICAL's fused output layer, with its own cache
+    rescorer = decoder.__dict__.get("rescorer")  # TAMER's structure head
+    names = transformer_names(layers, coverage, output is not None, rescorer is not None)
     memory_axes = {"memory": {0: "batch", 1: "h", 2: "w"}, "memory_mask": {0: "batch", 1: "h", 2: "w"},
                    "cross_valid": {0: "batch", 1: "positions"}}
     memory_axes.update({n: {0: "batch", 2: "positions"} for n in names["init_out"] if n != "cross_valid"})
@@ -118,6 +123,11 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
     past = [torch.randn(n, heads, 2, head_dim) for _ in range(2 * layers)]
     sums = [torch.rand(n, heads, cross_valid.shape[1]) * cross_valid[:, None] for _ in range(2 * layers)] \
         if coverage else []
+    output_spec: dict[str, Any] = {}
+    if output is not None:
+        attn = output.sccm.self_attn
+        output_spec = {"output_heads": attn.nhead, "output_head_dim": attn.head_dim}
+        sums += [torch.randn(n, attn.nhead, 2, attn.head_dim) for _ in range(2)]
     args = (torch.tensor([5, 6, 7]), torch.tensor([2]), cross_valid, memory_mask.index_select(0, rows),
             torch.zeros(n, 2, dtype=torch.bool), *past, *cross, *sums)
     axes: dict[str, dict[int, str]] = {"tokens": {0: "rows"}, "cross_valid": {0: "rows", 1: "positions"},
@@ -125,13 +135,25 @@ def _export_transformer(decoder: TransformerSequenceDecoder, memory: torch.Tenso
                                        "logits": {0: "rows"}, "self_pad.out": {0: "rows", 1: "past_next"}}
     for name in names["step_in"][5:]:
         kind = name.split(".")[0]
-        axes[name] = {0: "rows", 2: "past" if kind in ("self_k", "self_v") else "positions"}
+        axes[name] = {0: "rows", 2: "past" if kind in ("self_k", "self_v", "sccm_k", "sccm_v") else "positions"}
     for name in names["step_out"][2:]:
         kind = name.split(".")[0]
-        axes[name] = {0: "rows", 2: "past_next" if kind in ("self_k", "self_v") else "positions"}
+        axes[name] = {0: "rows", 2: "past_next" if kind in ("self_k", "self_v", "sccm_k", "sccm_v") else "positions"}
+    axes["hidden"] = {0: "rows"}
     _export(TransformerStep(decoder), args, out / "decoder_step.onnx", names["step_in"], names["step_out"], axes)
+    if rescorer is not None:
+        structure = {}
+        hidden = torch.randn(3, 4, decoder.d_model)
+        pad = torch.zeros(3, 4, dtype=torch.bool)
+        pad[1, 3:] = True
+        for direction in ("l2r", "r2l"):
+            structure[direction] = f"structure_{direction}.onnx"
+            _export(getattr(rescorer, direction), (hidden, pad), out / structure[direction], ["hidden", "pad"],
+                    ["sim"], {"hidden": {0: "rows", 1: "length"}, "pad": {0: "rows", 1: "length"},
+                              "sim": {0: "rows", 1: "length", 2: "length_keys"}})
+        output_spec["structure"] = structure
     return {"family": "transformer", "num_layers": layers, "nhead": heads, "head_dim": head_dim,
-            "coverage": coverage, "names": names,
+            "coverage": coverage, "names": names, **output_spec,
             "graphs": {"init": "decoder_init.onnx", "step": "decoder_step.onnx"}}
 
 
@@ -157,3 +179,24 @@ def _export_abm(decoder: ABMDecoder, memory: torch.Tensor, memory_mask: torch.Te
                 step_axes)
         graphs[direction] = {"init": init_file, "step": step_file}
     return {"family": "abm", "names": ABM_NAMES, "graphs": graphs}
+
+
+def _export_can(decoder: CANDecoder, memory: torch.Tensor, memory_mask: torch.Tensor, out: Path) -> dict[str, Any]:
+    image_axes = {"memory": {0: "batch", 2: "h", 3: "w"}, "memory_mask": {0: "batch", 1: "h", 2: "w"},
+                  "keys": {0: "batch", 2: "h", 3: "w"}, "hidden": {0: "batch"}, "valid": {0: "batch", 1: "h", 2: "w"},
+                  "count_context": {0: "batch"}}
+    _export(CANInit(decoder), (memory, memory_mask), out / "decoder_init.onnx", CAN_NAMES["init_in"],
+            CAN_NAMES["init_out"], image_axes)
+    keys, hidden, valid, count_context = CANInit(decoder)(memory, memory_mask)
+    rows = torch.tensor([0, 1, 1])
+    pick = lambda t: t.index_select(0, rows)  # noqa: E731
+    coverage = torch.rand(3, *valid.shape[1:]) * pick(valid)
+    args = (torch.tensor([5, 6, 7]), pick(hidden), coverage, pick(memory), pick(keys), pick(valid),
+            pick(count_context))
+    step_axes = {"tokens": {0: "rows"}, "hidden": {0: "rows"}, "coverage": {0: "rows", 1: "h", 2: "w"},
+                 "memory": {0: "rows", 2: "h", 3: "w"}, "keys": {0: "rows", 2: "h", 3: "w"},
+                 "valid": {0: "rows", 1: "h", 2: "w"}, "count_context": {0: "rows"}, "logits": {0: "rows"},
+                 "hidden.out": {0: "rows"}, "coverage.out": {0: "rows", 1: "h", 2: "w"}}
+    _export(CANStep(decoder), args, out / "decoder_step.onnx", CAN_NAMES["step_in"], CAN_NAMES["step_out"],
+            step_axes)
+    return {"family": "can", "names": CAN_NAMES, "graphs": {"init": "decoder_init.onnx", "step": "decoder_step.onnx"}}

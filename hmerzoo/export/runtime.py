@@ -23,6 +23,7 @@ from ..decoders.base import SequenceDecoder
 from ..decoding.modes import search
 from ..decoding.recognize import decode_config, image_tensors
 from ..errors import HmerzooError
+from ..heads.tree_structure import TreeStructureHead
 from ..model import Recognition
 from ..sequence import direction_tokens
 from ..vocab import Vocabulary
@@ -37,6 +38,32 @@ class OnnxState:
     direction: str | list[str]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     position: int = 0
+
+
+class _StructureGraph:
+    """One direction's exported structure module, called as the PyTorch module is: (hidden, pad) -> sim."""
+
+    def __init__(self, session: Any):
+        self.session = session
+
+    def __call__(self, hidden: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        sim, = self.session.run(["sim"], {"hidden": _np(hidden.float()), "pad": _np(pad.bool())})
+        return torch.from_numpy(sim)
+
+
+class OnnxStructureScorer:
+    """TAMER's rescorer over ONNX graphs: ``TreeStructureHead``'s own scoring code (targets from the LaTeX tree,
+    similarity per direction, the official per-hypothesis score), with the decoder's teacher-forced states from
+    stepping the step graph and the structure modules as graphs. Runs once per search, on the finished beams."""
+
+    targets = TreeStructureHead.targets
+    similarity = TreeStructureHead.similarity
+    score_hypotheses = TreeStructureHead.score_hypotheses
+
+    def __init__(self, tokens: list[str], sos_id: int, eos_id: int, pad_id: int | None, sessions: dict[str, Any]):
+        self.tokens, self.sos_id, self.eos_id = tokens, sos_id, eos_id
+        self.pad_id = pad_id if pad_id is not None else 0
+        self.l2r, self.r2l = _StructureGraph(sessions["l2r"]), _StructureGraph(sessions["r2l"])
 
 
 class OnnxDecoder(SequenceDecoder):
@@ -84,6 +111,10 @@ class OnnxDecoder(SequenceDecoder):
                       "memory_mask": feeds["memory_mask"],
                       "coverage": np.zeros((n, *memory.shape[2:]), dtype=np.float32)}
             return OnnxState(direction=direction, arrays=arrays)
+        if self.family == "can":
+            arrays = {**init, "memory": feeds["memory"],
+                      "coverage": np.zeros((n, *memory.shape[2:]), dtype=np.float32)}
+            return OnnxState(direction="l2r", arrays=arrays)
         spec = self.spec
         arrays = dict(init)
         arrays["image_mask"] = feeds["memory_mask"]
@@ -94,6 +125,9 @@ class OnnxDecoder(SequenceDecoder):
             if spec["coverage"]:
                 positions = arrays["cross_valid"].shape[1]
                 arrays[f"raw_sum.{i}"] = arrays[f"used_sum.{i}"] = np.zeros((n, spec["nhead"], positions), np.float32)
+        if "output_heads" in spec:  # ICAL's SCCM key/value cache: empty before the first step
+            arrays["sccm_k"] = arrays["sccm_v"] = np.zeros((n, spec["output_heads"], 0, spec["output_head_dim"]),
+                                                          dtype=np.float32)
         return OnnxState(direction=direction if isinstance(direction, str) else directions, arrays=arrays)
 
     def step(self, state: OnnxState, last_tokens: torch.Tensor) -> tuple[torch.Tensor, OnnxState]:
@@ -124,6 +158,27 @@ class OnnxDecoder(SequenceDecoder):
             out, state = self.step(state, inputs[:, t])
             logits.append(out)
         return torch.stack(logits, dim=1)
+
+    def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor,
+               memory_index: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A teacher-forced pass by stepping (rows read memory row ``memory_index[i]``): (logits [N,L,V], last
+        layer's states [N,L,d]); the step graph returns the states only where a structure rescorer needs them."""
+        if memory_index is not None:
+            index = torch.as_tensor(memory_index, dtype=torch.long)
+            memory, memory_mask = memory.index_select(0, index), memory_mask.index_select(0, index)
+        state = self.init_state(memory, memory_mask, "l2r")
+        logits, hidden = [], []
+        for t in range(inputs.shape[1]):
+            feeds = dict(state.arrays)
+            feeds["tokens"] = _np(inputs[:, t].long())
+            feeds["position"] = np.array([state.position], dtype=np.int64)
+            result = self._run("step", self.names["step_out"], feeds)
+            arrays = dict(state.arrays)
+            arrays.update({k[:-len(".out")]: v for k, v in result.items() if k.endswith(".out")})
+            state = OnnxState(direction=state.direction, arrays=arrays, position=state.position + 1)
+            logits.append(torch.from_numpy(result["logits"]))
+            hidden.append(torch.from_numpy(result["hidden"]))
+        return torch.stack(logits, 1), torch.stack(hidden, 1)
 
     def log_likelihood(self, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: Sequence[Sequence[int]],
                        direction: str = "l2r", memory_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,6 +241,10 @@ class OnnxModel:
         else:
             sessions["init"], sessions["step"] = session(graphs["init"]), session(graphs["step"])
         self.decoder = OnnxDecoder(self.spec, sessions)
+        if "structure" in self.spec:  # TAMER: the structure rescorer of decode.mode tamer
+            self.decoder.rescorer = OnnxStructureScorer(
+                list(self.vocab.tokens), self.vocab.sos_id, self.vocab.eos_id, self.vocab.pad_id,
+                {d: session(f) for d, f in self.spec["structure"].items()})
 
     # what callers written for HMERModel ask of it
     def parameters(self) -> Iterator[torch.Tensor]:
