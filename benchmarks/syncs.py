@@ -57,6 +57,13 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
+def decoding_recipes(names: list[str]) -> tuple[list[str], list[str]]:
+    """(recipes with a decoder, the others): the caption-less pre-training stages (a ``model.type`` without a
+    decoder: Mask & Match 1-2) have no decoding to count, and their tiny versions need other overrides."""
+    skipped = [n for n in names if not ((load_recipe(n).get("model") or {}).get("decoder"))]
+    return [n for n in names if n not in skipped], skipped
+
+
 def default_data_root() -> Path:
     return Path(os.environ.get("HMERZOO_DATA") or REPO / "data" / "crohme")
 
@@ -194,11 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = args.data or default_data_root()
-    names = args.recipes or shipped_recipes()
-    # the caption-less pre-training stages (a model.type without a decoder: Mask & Match 1-2) have no decoding to
-    # count, and their tiny versions need other overrides: left out of this table
-    skipped = [n for n in names if not ((load_recipe(n).get("model") or {}).get("decoder"))]
-    results = [measure(name, root, args.batch, args.max_len, args.beam) for name in names if name not in skipped]
+    names, skipped = decoding_recipes(args.recipes or shipped_recipes())
+    results = [measure(name, root, args.batch, args.max_len, args.beam) for name in names]
     if skipped:
         print(f"not measured (no decoder): {', '.join(skipped)}")
 
