@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_import, import_user_modules
+
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from ..plots import run_plot
@@ -15,8 +17,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..builder import load_model
     from ..export import export_onnx, require_onnx
-    from .common import import_user_modules
-
     import_user_modules(args.imports)
     require_onnx()  # before loading the model: a missing extra fails fast
     model = load_model(args.model, map_location="cpu")
@@ -39,6 +39,5 @@ def add_parsers(sub) -> None:
     ex.add_argument("model", help="run directory or converted model directory")
     ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     ex.add_argument("--out", required=True, metavar="DIR", help="directory to write the graphs and settings into")
-    ex.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                    help="import MODULE first (registers your own components); repeatable")
+    add_import(ex)
     ex.set_defaults(func=cmd_export)
