@@ -296,10 +296,12 @@ class TransformerSequenceDecoder(SequenceDecoder):
         return scores
 
     def prefix_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor,
-                      direction: str | Sequence[str] = "l2r") -> torch.Tensor:
-        """Full pass over decoder inputs [N,t] as the official search runs it every step (benchmark mode). The
-        start token the caller put first is all the direction changes."""
-        logits, hidden = self.decode(memory, memory_mask, inputs)
+                      direction: str | Sequence[str] = "l2r",
+                      memory_index: Sequence[int] | None = None) -> torch.Tensor:
+        """Full pass over decoder inputs [N,t] as the official search runs it every step (benchmark mode) and as
+        CoMER's rating runs it. The start token the caller put first is all the direction changes. Row i reads
+        memory row i, or ``memory_index[i]`` (a host list: each image's keys/values projected once for its rows)."""
+        logits, hidden = self.decode(memory, memory_mask, inputs, memory_index=memory_index)
         return self._predicted(logits, hidden, inputs)
 
     # --- incremental decoding -----------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import torch
 from ..config import DecodeConfig
 from ..errors import RecipeError, did_you_mean
 from ..registry import SEARCH_MODES
-from ..layers.memory_layout import host_to_device
 from .beam import Hypothesis, beam_search
 from .policies import BTTRFinishing, HFFinishing
 from .rescoring import OPPOSITE, rate_by_opposite_direction, rescore_by_opposite_direction
@@ -131,11 +130,10 @@ def comer_search(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, 
     rule = partial(HFFinishing, alpha=config.alpha)
     per_image = _both_directions(stepper or decoder, memory, memory_mask, config, rule, sos_id, eos_id)
     hyps = [h for found in per_image for h in found]
-    rows = host_to_device([i for i, found in enumerate(per_image) for _ in found], memory.device)
     rated = rate_by_opposite_direction(
-        decoder, memory.index_select(0, rows), memory_mask.index_select(0, rows), [h.tokens for h in hyps],
-        [OPPOSITE[h.direction] for h in hyps], sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
-        alpha=config.alpha).float().cpu().numpy()
+        decoder, memory, memory_mask, [h.tokens for h in hyps], [OPPOSITE[h.direction] for h in hyps],
+        sos_id=sos_id, eos_id=eos_id, pad_id=pad_id, alpha=config.alpha,
+        memory_rows=[i for i, found in enumerate(per_image) for _ in found]).float().cpu().numpy()
     # float32 sums of the official float32 scores
     total = _float32([h.search_score for h in hyps]) + rated
     for h, value in zip(hyps, total.tolist()):

@@ -42,25 +42,38 @@ def rescore_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mas
 
 def rate_by_opposite_direction(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor,
                                tokens: list[list[int]], directions: list[str], *, sos_id: int, eos_id: int,
-                               pad_id: int, alpha: float) -> torch.Tensor:
-    """The official CoMER ``_rate``: sequence i (reading order) on memory row i, rated in ``directions[i]``:
-    ``-sum CE / (#non-pad decoder inputs)**alpha``, ``<pad>`` targets ignored. [N] float32.
+                               pad_id: int, alpha: float, memory_rows: list[int] | None = None) -> torch.Tensor:
+    """The official CoMER ``_rate``: sequence i (reading order) on memory row i (``memory_rows[i]`` when given),
+    rated in ``directions[i]``: ``-sum CE / (#non-pad decoder inputs)**alpha``, ``<pad>`` targets ignored.
+    [N] float32.
 
     The official pads all rows to the longest in one pass; ``<pad>`` inputs come after a row's real ones and are
     masked, so rows of similar length are rated together instead (:func:`length_chunks`): one hypothesis cut off
-    at ``max_len`` would otherwise make every row of a batch of images cost ``max_len`` steps."""
+    at ``max_len`` would otherwise make every row of a batch of images cost ``max_len`` steps.
+    With ``memory_rows``, a decoder that groups rows per image on the host (``takes_memory_rows``) projects each
+    image's keys/values once for all its hypotheses instead of copying the image per hypothesis."""
     scores = torch.empty(len(tokens), dtype=torch.float32, device=memory.device)
+    grouped = memory_rows is not None and bool(getattr(decoder, "takes_memory_rows", False))
     for chunk in length_chunks([len(t) for t in tokens]):
         rows = host_to_device(chunk, memory.device)
-        scores[rows] = _rate(decoder, memory.index_select(0, rows), memory_mask.index_select(0, rows),
-                             [tokens[i] for i in chunk], [directions[i] for i in chunk], sos_id=sos_id,
-                             eos_id=eos_id, pad_id=pad_id, alpha=alpha).float()
+        if grouped:
+            assert memory_rows is not None
+            index: list[int] | None = [memory_rows[i] for i in chunk]
+            chunk_memory, chunk_mask = memory, memory_mask
+        else:
+            images = rows if memory_rows is None else host_to_device([memory_rows[i] for i in chunk], memory.device)
+            index, chunk_memory, chunk_mask = None, memory.index_select(0, images), memory_mask.index_select(0, images)
+        scores[rows] = _rate(decoder, chunk_memory, chunk_mask, [tokens[i] for i in chunk],
+                             [directions[i] for i in chunk], sos_id=sos_id, eos_id=eos_id, pad_id=pad_id,
+                             alpha=alpha, memory_index=index).float()
     return scores
 
 
 def _rate(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, tokens: list[list[int]],
-          directions: list[str], *, sos_id: int, eos_id: int, pad_id: int, alpha: float) -> torch.Tensor:
-    """One padded teacher-forced pass of :func:`rate_by_opposite_direction`."""
+          directions: list[str], *, sos_id: int, eos_id: int, pad_id: int, alpha: float,
+          memory_index: list[int] | None = None) -> torch.Tensor:
+    """One padded teacher-forced pass of :func:`rate_by_opposite_direction`; row i reads memory row i, or
+    ``memory_index[i]`` (a host list, for ``takes_memory_rows`` decoders)."""
     length = max(len(t) for t in tokens) + 1
     # built on the host and sent in one queued copy (not one blocking copy per row)
     inputs, targets = [], []
@@ -73,7 +86,11 @@ def _rate(decoder: Any, memory: torch.Tensor, memory_mask: torch.Tensor, tokens:
     both = host_to_device(inputs + targets, memory.device).view(2, len(tokens), length)
     inputs, targets = both[0], both[1]
     mixed = len(set(directions)) > 1
-    logits = decoder.prefix_logits(memory, memory_mask, inputs, list(directions) if mixed else directions[0])
+    direction = list(directions) if mixed else directions[0]
+    if memory_index is None:
+        logits = decoder.prefix_logits(memory, memory_mask, inputs, direction)
+    else:
+        logits = decoder.prefix_logits(memory, memory_mask, inputs, direction, memory_index=memory_index)
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=pad_id,
                          reduction="none").view(len(tokens), length)
     penalty = (inputs != pad_id).sum(dim=1) ** alpha

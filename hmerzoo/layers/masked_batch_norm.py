@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def batch_norm_valid(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -15,16 +16,18 @@ def batch_norm_valid(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, pad: 
     """
     valid = (~pad).unsqueeze(1)  # [M, 1, h, w]
     xf = x.float()
-    if bn.training or not bn.track_running_stats or bn.running_mean is None:
-        weight = valid.to(xf.dtype)
-        count = weight.sum()  # valid positions, the same for every channel
-        mean = (xf * weight).sum((0, 2, 3)) / count.clamp_min(1)
-        centred = (xf - mean[None, :, None, None]) * weight
-        var = (centred * centred).sum((0, 2, 3)) / count.clamp_min(1)  # biased, as BatchNorm normalises with
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            _update_running_stats(bn, mean.detach(), var.detach(), count)
-    else:
-        mean, var = bn.running_mean.float(), bn.running_var.float()
+    if not bn.training and bn.track_running_stats and bn.running_mean is not None:
+        # running statistics treat every position on its own: BatchNorm's own kernel over the whole map (the
+        # official runs it on the gathered valid positions), padding put back after
+        normed = F.batch_norm(xf, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return torch.where(valid, normed.to(x.dtype), x)
+    weight = valid.to(xf.dtype)
+    count = weight.sum()  # valid positions, the same for every channel
+    mean = (xf * weight).sum((0, 2, 3)) / count.clamp_min(1)
+    centred = (xf - mean[None, :, None, None]) * weight
+    var = (centred * centred).sum((0, 2, 3)) / count.clamp_min(1)  # biased, as BatchNorm normalises with
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        _update_running_stats(bn, mean.detach(), var.detach(), count)
     normed = (xf - mean[None, :, None, None]) * torch.rsqrt(var + bn.eps)[None, :, None, None]
     if bn.affine:
         normed = normed * bn.weight.float()[None, :, None, None] + bn.bias.float()[None, :, None, None]
