@@ -20,7 +20,8 @@ What it does (CPU, float32, a few minutes on 2 threads):
    ``transform`` feeds the search), and the official batched bidirectional beam search
    (``approximate_joint_search``) on the padded batch and on each image alone.
 
-The official code is imported at run time only; nothing of it is in this project.
+The official code is imported at run time only; nothing of it is in this project. The steps shared with the
+TAMER and PosFormer generators are in ``tools/golden_common.py``.
 
 usage (from the project root)::
 
@@ -32,40 +33,25 @@ tests/test_ical.py converts the weights with ``hmerzoo convert ical`` and compar
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+import golden_common as GC  # tools/ is on sys.path when this file is run as a script
+
 REDUCED = {"d_model": 32, "growth_rate": 8, "num_layers": 4, "nhead": 8, "num_decoder_layers": 3,
            "dim_feedforward": 64, "dropout": 0.3, "dc": 8, "cross_coverage": True, "self_coverage": True}
 FIT_STEPS, FIT_LR = 150, 2e-3
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", default=os.environ.get("HMER_REF_ICAL"), help="exported tree of qingzhenduyu/ICAL")
-    p.add_argument("--commit", default="b7fb63640c5b37ac7e9f56f7abc9471a66fd6b6c")
-    p.add_argument("--dictionary", required=True, help="ICAL's CROHME dictionary.txt (TAMER lightning_logs/version_0)")
-    p.add_argument("--shared", default=os.environ.get("HMERZOO_SHARED", str(ROOT.parent / "shared")))
-    p.add_argument("--out", default=str(ROOT / "tests" / "goldens" / "ical"))
-    args = p.parse_args()
-    if not args.repo or not os.path.isdir(os.path.join(args.repo, "ical")):
-        raise SystemExit("--repo (or $HMER_REF_ICAL) must point to an exported tree of qingzhenduyu/ICAL")
-    tools = os.path.join(args.shared, "fixtures", "parity", "tools")
-    sys.path.insert(0, tools)
-    import common as C  # the shared fixture helpers (fit, save, count_params, ...)
+    args = GC.parse_args(
+        __doc__, name="ical", package="ical", repo_env="HMER_REF_ICAL", repo_slug="qingzhenduyu/ICAL",
+        commit="b7fb63640c5b37ac7e9f56f7abc9471a66fd6b6c",
+        extra=lambda p: p.add_argument("--dictionary", required=True,
+                                       help="ICAL's CROHME dictionary.txt (TAMER lightning_logs/version_0)"))
+    C, out_dir = GC.load_fixture_helpers(args)
 
-    C.setup_imports(args.repo)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    import yaml
     from ical.datamodule import vocab
     from ical.datamodule import datamodule as dmm
     from ical.lit_ical import LitICAL
@@ -73,24 +59,13 @@ def main() -> None:
     from torchvision.transforms import ToTensor  # the stub, torchvision's semantics
 
     vocab.init(args.dictionary)
-    with open(os.path.join(args.repo, "config", "crohme.yaml")) as f:
-        official_hp = dict(yaml.safe_load(f)["model"])
-
-    # the official default configuration: parameter count only
-    torch.manual_seed(0)
-    full_counts = C.count_params(LitICAL(**official_hp))
-    print("official default parameters:", full_counts)
+    official_hp = GC.official_model_config(os.path.join(args.repo, "config", "crohme.yaml"))
+    full_counts = GC.count_official_default(C, LitICAL, official_hp)
 
     hp = {**official_hp, **REDUCED}
-    parity_dir = Path(args.shared) / "fixtures" / "parity" / "comer"
-    images = sorted(parity_dir.glob("image*.png"))
-    raw = [C.load_gray_u8(str(pth)) for pth in images]
-    tens = [ToTensor()(a) for a in raw]
-    words = [s["label"].split() for s in C.FIXTURE_SAMPLES]
-    indices = [vocab.words2indices(w) for w in words]
-    batch = dmm.collate_fn([([s["name"] for s in C.FIXTURE_SAMPLES], tens, words)])
-    img, mask = batch.imgs, batch.mask
-    assert batch.indices == indices
+    fx = GC.fixture_batch(C, args.shared, vocab, dmm.collate_fn, ToTensor())
+    tens, indices, img, mask = fx.tens, fx.indices, fx.img, fx.mask
+    assert fx.batch.indices == indices
     tgt, out = U.plicit_tgt_out(indices, torch.device("cpu"))
     _, imp_out = U.plicit_tgt_out(indices, torch.device("cpu"), is_implicit=True)
 
@@ -100,19 +75,8 @@ def main() -> None:
                 "implicit": U.ce_loss(imp_hat, imp_out, need_weight=lit.hparams.dynamic_weight),
                 "fusion": U.ce_loss(fusion_hat, out)}
 
-    torch.manual_seed(0)
-    lit = LitICAL(**hp)
-    counts = C.count_params(lit)
-    losses = C.fit(lit, lambda: sum(official_losses(lit, img, mask).values()), FIT_STEPS, FIT_LR)
-    lit.eval()
-    sd_path = out_dir / "state_dict.safetensors"
-    C.save_state_dict(lit.state_dict(), str(sd_path), False)
-
-    def build_loaded():
-        torch.manual_seed(12345)  # everything is overwritten by the saved weights
-        m = LitICAL(**hp)
-        m.load_state_dict(C.load_state_dict(str(sd_path)), strict=True)
-        return m.eval()
+    counts, losses, build_loaded = GC.fit_and_save(
+        C, LitICAL, hp, lambda lit: sum(official_losses(lit, img, mask).values()), out_dir, FIT_STEPS, FIT_LR)
 
     def run(lm):
         g = {}
@@ -122,45 +86,10 @@ def main() -> None:
             g["logits_exp"], g["logits_imp"], g["logits_fusion"] = lm(img, mask, tgt)
             for k, v in official_losses(lm, img, mask).items():
                 g[f"loss_{k}"] = v.reshape(())
-            rec = {}
-            dec = inner.decoder
-            orig_bs, orig_rate = dec._beam_search, dec._rate
-
-            def spy_bs(*a, **k):
-                r = orig_bs(*a, **k)
-                rec["hyps"], rec["scores"] = [h.clone() for h in r[0]], r[1].clone()
-                return r
-
-            def spy_rate(*a, **k):
-                r = orig_rate(*a, **k)
-                rec["rev"] = r.clone()
-                return r
-
-            dec._beam_search, dec._rate = spy_bs, spy_rate
-            hyps = lm.approximate_joint_search(img, mask)
-            dec._beam_search, dec._rate = orig_bs, orig_rate
-            pad = max([len(h.seq) for h in hyps] + [len(h) for h in rec["hyps"]] + [1])
-            g["beam_tokens"] = torch.full((len(hyps), pad), -1, dtype=torch.long)
-            for i, h in enumerate(hyps):
-                g["beam_tokens"][i, :len(h.seq)] = torch.tensor(h.seq, dtype=torch.long)
-            g["beam_lengths"] = torch.tensor([len(h.seq) for h in hyps])
-            g["beam_scores"] = torch.stack([torch.as_tensor(h.score, dtype=torch.float32) for h in hyps])
-            g["beam_pass1_tokens"] = torch.full((len(rec["hyps"]), pad), -1, dtype=torch.long)
-            for i, h in enumerate(rec["hyps"]):
-                g["beam_pass1_tokens"][i, :len(h)] = h
-            g["beam_pass1_lengths"] = torch.tensor([len(h) for h in rec["hyps"]])
-            g["beam_pass1_scores"] = rec["scores"]
-            g["beam_rescore_raw"] = rec["rev"]
-            for i, t in enumerate(tens):
-                single_mask = torch.zeros_like(t, dtype=torch.bool)
-                hs = lm.approximate_joint_search(t.unsqueeze(0), single_mask)
-                g[f"beam_single{i}_tokens"] = torch.tensor(hs[0].seq, dtype=torch.long)
-                g[f"beam_single{i}_score"] = torch.as_tensor(hs[0].score, dtype=torch.float32).reshape(1)
+            g.update(GC.beam_goldens(lm, inner.decoder, img, mask, tens))
         return g
 
-    g1 = run(build_loaded())
-    g2 = run(build_loaded())
-    rerun = C.max_abs_diff(g1, g2)
+    g1, rerun = GC.record_twice(C, run, build_loaded)
 
     # each image alone: the caption's log-likelihood under the fused logits (what the search reads), both ways
     lm = build_loaded()
@@ -179,14 +108,7 @@ def main() -> None:
 
     # each image alone is imageI.png / 255 (not stored twice)
     inputs = {"img": img, "img_mask": mask, "tgt": tgt, "out": out, "imp_out": imp_out}
-    golden = {**{f"input.{k}": v for k, v in inputs.items()}, **g1}
-    C.save_tensors(golden, str(out_dir / "golden.safetensors"), {"model": "ical", "note": "see meta.json"})
-    for i, a in enumerate(raw):
-        C.save_png(a, str(out_dir / f"image{i}.png"))
-    shutil.copyfile(args.dictionary, out_dir / "dictionary.txt")
-
-    def latex(seq):
-        return " ".join(vocab.idx2word[int(i)] for i in seq)
+    GC.save_goldens(C, out_dir, "ical", inputs, g1, fx.raw, args.dictionary)
 
     meta = {
         "model": "ICAL",
@@ -208,8 +130,7 @@ def main() -> None:
                     "fit_loss_first_last": [losses[0], losses[-1]]},
         "vocabulary": {"size": len(vocab), "special_ids": {"PAD_IDX": 0, "SOS_IDX": 1, "EOS_IDX": 2, "SPACE_IDX": 3},
                        "construction": "<pad>, <sos>, <eos>, <space>, then dictionary.txt in file order"},
-        "samples": [{**s, "image_file": f"image{i}.png", "hw": list(raw[i].shape), "token_ids": indices[i]}
-                    for i, s in enumerate(C.FIXTURE_SAMPLES)],
+        "samples": GC.sample_records(C, fx),
         "golden_description": {
             "input.img / input.img_mask": "official collate_fn batch (bool mask, True = padding)",
             "input.tgt / input.out": "plicit_tgt_out: [2b, L+1], L2R rows then R2L rows, <pad>=0 padded",
@@ -224,18 +145,11 @@ def main() -> None:
             "beam_single{i}_*": "approximate_joint_search on image i alone (all-False mask)",
         },
         "single_image_scores": cases,
-        "beam_search_result": {
-            "batched": [{"tokens": g1["beam_tokens"][i, :int(g1["beam_lengths"][i])].tolist(),
-                         "latex": latex(g1["beam_tokens"][i, :int(g1["beam_lengths"][i])]),
-                         "score": float(g1["beam_scores"][i])} for i in range(2)],
-            "single": [{"tokens": g1[f"beam_single{i}_tokens"].tolist(), "latex": latex(g1[f"beam_single{i}_tokens"]),
-                        "score": float(g1[f"beam_single{i}_score"])} for i in range(2)]},
+        "beam_search_result": GC.beam_search_result(g1, vocab.idx2word),
         "tolerances": {"rerun_same_process_max_abs_diff": rerun},
         "environment": C.env_info(),
     }
-    C.write_json(meta, str(out_dir / "meta.json"))
-    print(json.dumps(meta["beam_search_result"], indent=1))
-    print("sizes:", C.file_sizes(str(out_dir)))
+    GC.write_meta(C, out_dir, meta)
 
 
 if __name__ == "__main__":
