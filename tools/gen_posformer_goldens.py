@@ -17,7 +17,8 @@ What it does (CPU, float32, a few minutes on 2 threads):
    level and position logits of the position decoder, its input codes and targets (``label_make_muti``), the
    official loss terms, and the official beam search (the main decoder alone).
 
-The official code is imported at run time only; nothing of it is in this project.
+The official code is imported at run time only; nothing of it is in this project. The steps shared with the
+ICAL and TAMER generators are in ``tools/golden_common.py``.
 
 usage (from the project root)::
 
@@ -25,16 +26,12 @@ usage (from the project root)::
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+import golden_common as GC  # tools/ is on sys.path when this file is run as a script
+
 REDUCED = {"d_model": 32, "growth_rate": 8, "num_layers": 4, "nhead": 8, "num_decoder_layers": 3,
            "dim_feedforward": 64, "dropout": 0.3, "dc": 8, "cross_coverage": True, "self_coverage": True}
 FIT_STEPS, FIT_LR = 150, 2e-3
@@ -48,25 +45,11 @@ FOREST_CASES = [
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", default=os.environ.get("HMER_REF_POSFORMER"),
-                   help="exported tree of SJTU-DeepVisionLab/PosFormer")
-    p.add_argument("--commit", default="082ff9f8d24eb2138403bb10277a344b2615f6b9")
-    p.add_argument("--shared", default=os.environ.get("HMERZOO_SHARED", str(ROOT.parent / "shared")))
-    p.add_argument("--out", default=str(ROOT / "tests" / "goldens" / "posformer"))
-    args = p.parse_args()
-    if not args.repo or not os.path.isdir(os.path.join(args.repo, "Pos_Former")):
-        raise SystemExit("--repo (or $HMER_REF_POSFORMER) must point to an exported tree of "
-                         "SJTU-DeepVisionLab/PosFormer")
-    sys.path.insert(0, os.path.join(args.shared, "fixtures", "parity", "tools"))
-    import common as C  # the shared fixture helpers (fit, save, count_params, ...)
-
-    C.setup_imports(args.repo)
+    args = GC.parse_args(__doc__, name="posformer", package="Pos_Former", repo_env="HMER_REF_POSFORMER",
+                         repo_slug="SJTU-DeepVisionLab/PosFormer", commit="082ff9f8d24eb2138403bb10277a344b2615f6b9")
+    C, out_dir = GC.load_fixture_helpers(args)
     torch.Tensor.cuda = lambda self, *a, **k: self  # the official forward calls .cuda(); CPU run
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    import yaml
     from Pos_Former.datamodule import datamodule as dmm
     from Pos_Former.datamodule import label_make_muti as LM
     from Pos_Former.datamodule import vocab
@@ -75,21 +58,13 @@ def main() -> None:
     from torchvision.transforms import ToTensor  # the stub, torchvision's semantics
 
     dictionary = os.path.join(args.repo, "Pos_Former", "datamodule", "dictionary.txt")
-    with open(os.path.join(args.repo, "config.yaml")) as f:
-        official_hp = dict(yaml.safe_load(f)["model"])
-    torch.manual_seed(0)
-    full_counts = C.count_params(LitPosFormer(**official_hp))
-    print("official default parameters:", full_counts)
+    official_hp = GC.official_model_config(os.path.join(args.repo, "config.yaml"))
+    full_counts = GC.count_official_default(C, LitPosFormer, official_hp)
 
     hp = {**official_hp, **REDUCED}
-    images = sorted((Path(args.shared) / "fixtures" / "parity" / "comer").glob("image*.png"))
-    raw = [C.load_gray_u8(str(pth)) for pth in images]
-    tens = [ToTensor()(a) for a in raw]
-    words = [s["label"].split() for s in C.FIXTURE_SAMPLES]
-    indices = [vocab.words2indices(w) for w in words]
-    batch = dmm.collate_fn([([s["name"] for s in C.FIXTURE_SAMPLES], tens, words)])
-    img, mask = batch.imgs, batch.mask
-    tgt, out = U.to_bi_tgt_out(indices, torch.device("cpu"))
+    fx = GC.fixture_batch(C, args.shared, vocab, dmm.collate_fn, ToTensor())
+    img, mask = fx.img, fx.mask
+    tgt, out = U.to_bi_tgt_out(fx.indices, torch.device("cpu"))
     codes = torch.tensor(LM.tgt2muti_label(tgt.tolist()), dtype=torch.float32)
     levels, positions = (torch.tensor(x, dtype=torch.long) for x in LM.out2layernum_and_pos(tgt.tolist()))
 
@@ -98,19 +73,8 @@ def main() -> None:
         ce, layer, pos = U.ce_loss_all(out_hat, out, out_layer, levels, out_pos, positions)
         return {"ce": ce, "layer": layer, "pos": pos, "total": (ce + 0.25 * layer + 0.25 * pos) / 1.5}
 
-    torch.manual_seed(0)
-    lit = LitPosFormer(**hp)
-    counts = C.count_params(lit)
-    losses = C.fit(lit, lambda: official_losses(lit)["total"], FIT_STEPS, FIT_LR)
-    lit.eval()
-    sd_path = out_dir / "state_dict.safetensors"
-    C.save_state_dict(lit.state_dict(), str(sd_path), False)
-
-    def build_loaded():
-        torch.manual_seed(12345)
-        m = LitPosFormer(**hp)
-        m.load_state_dict(C.load_state_dict(str(sd_path)), strict=True)
-        return m.eval()
+    counts, losses, build_loaded = GC.fit_and_save(
+        C, LitPosFormer, hp, lambda lit: official_losses(lit)["total"], out_dir, FIT_STEPS, FIT_LR)
 
     def run(lm):
         g = {}
@@ -120,44 +84,10 @@ def main() -> None:
             g["logits"], g["level_logits"], g["pos_logits"] = inner(img, mask, tgt, None)
             for k, v in official_losses(lm).items():
                 g[f"loss_{k}"] = v.reshape(())
-            rec = {}
-            dec = inner.decoder
-            orig_bs, orig_rate = dec._beam_search, dec._rate
-
-            def spy_bs(*a, **k):
-                r = orig_bs(*a, **k)
-                rec["hyps"], rec["scores"] = [h.clone() for h in r[0]], r[1].clone()
-                return r
-
-            def spy_rate(*a, **k):
-                r = orig_rate(*a, **k)
-                rec["rev"] = r.clone()
-                return r
-
-            dec._beam_search, dec._rate = spy_bs, spy_rate
-            hyps = lm.approximate_joint_search(img, mask)
-            dec._beam_search, dec._rate = orig_bs, orig_rate
-            pad = max([len(h.seq) for h in hyps] + [len(h) for h in rec["hyps"]] + [1])
-            g["beam_tokens"] = torch.full((len(hyps), pad), -1, dtype=torch.long)
-            for i, h in enumerate(hyps):
-                g["beam_tokens"][i, :len(h.seq)] = torch.tensor(h.seq, dtype=torch.long)
-            g["beam_lengths"] = torch.tensor([len(h.seq) for h in hyps])
-            g["beam_scores"] = torch.stack([torch.as_tensor(h.score, dtype=torch.float32) for h in hyps])
-            g["beam_pass1_tokens"] = torch.full((len(rec["hyps"]), pad), -1, dtype=torch.long)
-            for i, h in enumerate(rec["hyps"]):
-                g["beam_pass1_tokens"][i, :len(h)] = h
-            g["beam_pass1_lengths"] = torch.tensor([len(h) for h in rec["hyps"]])
-            g["beam_pass1_scores"] = rec["scores"]
-            g["beam_rescore_raw"] = rec["rev"]
-            for i, t in enumerate(tens):
-                hs = lm.approximate_joint_search(t.unsqueeze(0), torch.zeros_like(t, dtype=torch.bool))
-                g[f"beam_single{i}_tokens"] = torch.tensor(hs[0].seq, dtype=torch.long)
-                g[f"beam_single{i}_score"] = torch.as_tensor(hs[0].score, dtype=torch.float32).reshape(1)
+            g.update(GC.beam_goldens(lm, inner.decoder, img, mask, fx.tens))
         return g
 
-    g1 = run(build_loaded())
-    g2 = run(build_loaded())
-    rerun = C.max_abs_diff(g1, g2)
+    g1, rerun = GC.record_twice(C, run, build_loaded)
 
     forest_cases = []
     for latex in FOREST_CASES:
@@ -169,14 +99,7 @@ def main() -> None:
 
     inputs = {"img": img, "img_mask": mask, "tgt": tgt, "out": out, "codes": codes, "levels": levels,
               "positions": positions}
-    golden = {**{f"input.{k}": v for k, v in inputs.items()}, **g1}
-    C.save_tensors(golden, str(out_dir / "golden.safetensors"), {"model": "posformer", "note": "see meta.json"})
-    for i, a in enumerate(raw):
-        C.save_png(a, str(out_dir / f"image{i}.png"))
-    shutil.copyfile(dictionary, out_dir / "dictionary.txt")
-
-    def latex(seq):
-        return " ".join(vocab.idx2word[int(i)] for i in seq)
+    GC.save_goldens(C, out_dir, "posformer", inputs, g1, fx.raw, dictionary)
 
     meta = {
         "model": "PosFormer",
@@ -199,8 +122,7 @@ def main() -> None:
                     "fit_loss_first_last": [losses[0], losses[-1]]},
         "vocabulary": {"size": len(vocab), "special_ids": {"PAD_IDX": 0, "SOS_IDX": 1, "EOS_IDX": 2},
                        "construction": "<pad>, <sos>, <eos>, then dictionary.txt in file order"},
-        "samples": [{**s, "image_file": f"image{i}.png", "hw": list(raw[i].shape), "token_ids": indices[i]}
-                    for i, s in enumerate(C.FIXTURE_SAMPLES)],
+        "samples": GC.sample_records(C, fx),
         "forest_cases": forest_cases,
         "golden_description": {
             "input.tgt / input.out": "to_bi_tgt_out: [2b, L+1], L2R rows then R2L rows, <pad>=0 padded",
@@ -214,18 +136,11 @@ def main() -> None:
                       "score; pass1 = the 2*b*beam hyps and scores before rescoring; rescore_raw = _rate output",
             "beam_single{i}_*": "approximate_joint_search on image i alone (all-False mask)",
         },
-        "beam_search_result": {
-            "batched": [{"tokens": g1["beam_tokens"][i, :int(g1["beam_lengths"][i])].tolist(),
-                         "latex": latex(g1["beam_tokens"][i, :int(g1["beam_lengths"][i])]),
-                         "score": float(g1["beam_scores"][i])} for i in range(2)],
-            "single": [{"tokens": g1[f"beam_single{i}_tokens"].tolist(), "latex": latex(g1[f"beam_single{i}_tokens"]),
-                        "score": float(g1[f"beam_single{i}_score"])} for i in range(2)]},
+        "beam_search_result": GC.beam_search_result(g1, vocab.idx2word),
         "tolerances": {"rerun_same_process_max_abs_diff": rerun},
         "environment": C.env_info(),
     }
-    C.write_json(meta, str(out_dir / "meta.json"))
-    print(json.dumps(meta["beam_search_result"], indent=1))
-    print("sizes:", C.file_sizes(str(out_dir)))
+    GC.write_meta(C, out_dir, meta)
 
 
 if __name__ == "__main__":
