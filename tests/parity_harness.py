@@ -10,6 +10,10 @@ weights with their official keys (``state_dict.safetensors``), the official outp
 ``hmerzoo.load_model``; the checks below run through the public model API only (``model.encode``,
 ``model.decoder(...)`` / ``teacher_forced``, ``init_state`` / ``step`` / ``reorder_state``, ``model.score``,
 ``model.greedy``), so they hold whatever the decoders look like inside.
+
+The tests of the goldens generated in this repository (``test_{ical,tamer,posformer}.py``, :func:`load_golden`)
+share the checks at the end: step-by-step logits, the batched beam search with its first pass, each image's search
+alone; :func:`train_two_steps` is the two-step training run that the recipe tests make.
 """
 from __future__ import annotations
 
@@ -184,3 +188,86 @@ def check_greedy(fixture: dict) -> None:
         mask = torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.bool)
         for direction in DIRECTIONS:
             assert fixture["model"].greedy(image, mask, direction=direction) == [sample["token_ids"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks of the goldens made in this repository (tests/goldens/<name>, ``tools/gen_<name>_goldens.py``)
+BEAM_SCORE_TOL = 1e-4  # a search score against the official one
+
+
+def golden_rows(golden: dict[str, torch.Tensor], prefix: str) -> list[list[int]]:
+    """The -1-padded ``<prefix>_tokens`` rows of a golden cut to their ``<prefix>_lengths``."""
+    return [golden[f"{prefix}_tokens"][i, :n].tolist() for i, n in enumerate(golden[f"{prefix}_lengths"].tolist())]
+
+
+def check_stepped_logits(fixture: dict, direction: str, logits_key: str = "logits",
+                         reorder_ats: tuple[int | None, ...] = (3,)) -> None:
+    """Step-by-step decoding of the fixture batch in ``direction`` (rows reversed through reorder_state at each of
+    ``reorder_ats``; None: never) gives the official teacher-forced logits ``golden[logits_key]`` of that direction
+    (its rows: L2R then R2L)."""
+    model, golden, tokens = fixture["model"], fixture["golden"], fixture["tokens"]
+    vocab = model.vocab
+    inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
+    offset = 0 if direction == "l2r" else 2
+    with torch.no_grad():
+        stepped = [step_logits(model.decoder, fixture["memory"], fixture["mask"], inputs, direction, reorder_at=r)
+                   for r in reorder_ats]
+    for logits in stepped:
+        torch.testing.assert_close(logits, golden[logits_key][offset:offset + 2], **TOL)
+
+
+def check_batched_beam_search(fixture: dict, mode: str) -> tuple[list, list]:
+    """The search of ``mode`` on the encoded fixture batch gives the official best hypothesis and score per image
+    and every official first-pass hypothesis with its score (L2R heaps of all images, then R2L heaps, tokens in
+    reading order). Returns the search results and those first-pass hypotheses in the official order."""
+    from hmerzoo.config import DecodeConfig
+    from hmerzoo.decoding import search
+
+    model, golden = fixture["model"], fixture["golden"]
+    vocab = model.vocab
+    config = DecodeConfig(mode=mode, beam_size=10, max_len=200, alpha=1.0)
+    with torch.no_grad():
+        results = search(model.decoder, fixture["memory"], fixture["mask"], config, sos_id=vocab.sos_id,
+                         eos_id=vocab.eos_id)
+    assert [r.best.tokens for r in results] == golden_rows(golden, "beam")
+    torch.testing.assert_close(torch.tensor([r.best_score for r in results]), golden["beam_scores"],
+                               atol=BEAM_SCORE_TOL, rtol=0)
+    beam = len(results[0].hypotheses) // 2
+    ordered = [h for r in results for h in r.hypotheses[:beam]] + [h for r in results for h in r.hypotheses[beam:]]
+    assert [h.tokens[::-1] if h.direction == "r2l" else h.tokens for h in ordered] == \
+        golden_rows(golden, "beam_pass1")
+    torch.testing.assert_close(torch.tensor([h.search_score for h in ordered]), golden["beam_pass1_scores"],
+                               atol=BEAM_SCORE_TOL, rtol=0)
+    return results, ordered
+
+
+def check_single_images_search(fixture: dict, **recognize: object) -> None:
+    """``model.recognize`` (beam 10, plus ``recognize``) of each fixture image alone, read from its 8-bit PNG as
+    the official code did (value / 255), gives the official best hypothesis and score."""
+    import numpy as np
+    from PIL import Image
+
+    model, golden = fixture["model"], fixture["golden"]
+    for i in range(len(fixture["meta"]["samples"])):
+        pixels = np.array(Image.open(fixture["dir"] / f"image{i}.png"), dtype=np.float32) / 255.0
+        recognized = model.recognize(torch.from_numpy(pixels)[None], beam_size=10, **recognize)[0]
+        assert recognized.tokens == golden[f"beam_single{i}_tokens"].tolist()
+        assert abs(recognized.score - float(golden[f"beam_single{i}_score"])) < BEAM_SCORE_TOL
+
+
+def train_two_steps(recipe: str, overrides: list[str], sample_root: Path, tmp_path: Path) -> tuple[Path, list]:
+    """Train ``recipe`` (with ``overrides``) for two CPU steps on the sample data; checks that both steps were
+    logged and returns the run directory and the two loss records."""
+    from rich.console import Console
+
+    from hmerzoo.trainer import train
+
+    config = hmerzoo.load_recipe(recipe, overrides + [
+        f"data.root={sample_root}", "data.num_workers=0", "data.val_holdout=4", "data.batch_size=2",
+        "data.max_image_pixels=20000", "train.max_steps=2", "train.val_every=0", "train.log_every=1",
+        "train.device=cpu", f"train.output_dir={tmp_path}"])
+    run_dir = train(config, console=Console(file=open(tmp_path / "log.txt", "w"), highlight=False))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    return run_dir, steps

@@ -7,7 +7,6 @@ checks the four systems share are in parity_harness.py.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from hmerzoo.heads.structure_skeleton import SKELETON_TOKENS, StructureSkeletonH
 from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput
 from hmerzoo.vocab import Vocabulary
 from parity_harness import (TOL, check_converted_model, check_greedy, check_incremental, check_single_image_scores,
-                            encode, load_fixture)
+                            encode, load_fixture, train_two_steps)
 
 OFFICIAL_PARAMETERS = 6_420_024  # meta.json parameter_count.parameters (buffers not counted)
 MTL_SPECIALS = "vocab.specials=[<pad>, <sos>, <eos>, <space>]"
@@ -224,18 +223,7 @@ TINY = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck
 ])
 def test_skeleton_head_on_and_off_by_override(tmp_path: Path, sample_root: Path, recipe: str,
                                               overrides: list[str], has_head: bool) -> None:
-    from rich.console import Console
-
-    from hmerzoo.trainer import train
-
-    config = hmerzoo.load_recipe(recipe, TINY + overrides + [
-        f"data.root={sample_root}", "data.num_workers=0", "data.val_holdout=4", "data.batch_size=2",
-        "data.max_image_pixels=20000", "train.max_steps=2", "train.val_every=0", "train.log_every=1",
-        "train.device=cpu", f"train.output_dir={tmp_path}"])
-    run_dir = train(config, console=Console(file=open(tmp_path / "log.txt", "w"), highlight=False))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    run_dir, steps = train_two_steps(recipe, TINY + overrides, sample_root, tmp_path)
     assert all(("loss/skeleton" in r) == has_head for r in steps)
     model = hmerzoo.load_model(run_dir)
     assert ("skeleton" in model.heads) == has_head

@@ -20,15 +20,14 @@ from PIL import Image
 import hmerzoo
 from hmerzoo.batch import Batch
 from hmerzoo.builder import build_model
-from hmerzoo.config import DecodeConfig
 from hmerzoo.convert import CONVERTERS, convert, convert_state_dict_ical
 from hmerzoo.convert.core import families_of
-from hmerzoo.decoding import search
 from hmerzoo.errors import CheckpointError, RecipeError
 from hmerzoo.heads.implicit_characters import ImplicitCharacterHead, implicit_latex
-from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput, teacher_forcing_tensors
+from hmerzoo.sequence import IGNORE_INDEX, DecoderOutput
 from hmerzoo.vocab import Vocabulary
-from parity_harness import load_golden, step_logits
+from parity_harness import (check_batched_beam_search, check_single_images_search, check_stepped_logits, load_golden,
+                            train_two_steps)
 
 GOLDENS = Path(__file__).resolve().parent / "goldens" / "ical"
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -39,12 +38,6 @@ ICAL_SPECIALS = ["<pad>", "<sos>", "<eos>", "<space>"]
 @pytest.fixture
 def ical(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return load_golden("ical", tmp_path_factory)
-
-
-def single_image(i: int) -> torch.Tensor:
-    """Image i alone as the official code read it: ToTensor of the 8-bit PNG ([1,1,h,w], value / 255)."""
-    pixels = np.array(Image.open(GOLDENS / f"image{i}.png"), dtype=np.float32) / 255.0
-    return torch.from_numpy(pixels)[None, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,52 +101,23 @@ def test_targets_and_losses_are_the_official_ones(ical: dict) -> None:
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
 def test_incremental_equals_official_fused_logits(ical: dict, direction: str) -> None:
-    model, golden, tokens = ical["model"], ical["golden"], ical["tokens"]
-    vocab = model.vocab
-    inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
-    offset = 0 if direction == "l2r" else 2
-    with torch.no_grad():
-        stepped = step_logits(model.decoder, ical["memory"], ical["mask"], inputs, direction)
-        reordered = step_logits(model.decoder, ical["memory"], ical["mask"], inputs, direction, reorder_at=4)
-    torch.testing.assert_close(stepped, golden["logits_fusion"][offset:offset + 2], **TOL)
-    torch.testing.assert_close(reordered, golden["logits_fusion"][offset:offset + 2], **TOL)
-
-
-def _golden_rows(golden: dict, prefix: str) -> list[list[int]]:
-    return [golden[f"{prefix}_tokens"][i, :n].tolist() for i, n in enumerate(golden[f"{prefix}_lengths"].tolist())]
+    check_stepped_logits(ical, direction, "logits_fusion", reorder_ats=(None, 4))
 
 
 def test_batched_beam_search_is_the_official(ical: dict) -> None:
-    model, golden = ical["model"], ical["golden"]
-    vocab = model.vocab
-    config = DecodeConfig(mode="comer", beam_size=10, max_len=200, alpha=1.0)
-    with torch.no_grad():
-        results = search(model.decoder, ical["memory"], ical["mask"], config, sos_id=vocab.sos_id,
-                         eos_id=vocab.eos_id)
-    assert [r.best.tokens for r in results] == _golden_rows(golden, "beam")
+    # every first-pass hypothesis (L2R heaps, then R2L heaps in decoding order), its score and its rating
+    results, ordered = check_batched_beam_search(ical, "comer")
     # (the short calibration reads image 1's label; image 0's comes out with one token wrong, as the official does)
     assert results[1].best.tokens == ical["tokens"][1]
-    torch.testing.assert_close(torch.tensor([r.best_score for r in results]), golden["beam_scores"],
-                               atol=SCORE_TOL, rtol=0)
-    # every first-pass hypothesis (L2R heaps, then R2L heaps in decoding order), its score and its rating
-    beam = len(results[0].hypotheses) // 2
-    ordered = [h for r in results for h in r.hypotheses[:beam]] + [h for r in results for h in r.hypotheses[beam:]]
-    assert [h.tokens[::-1] if h.direction == "r2l" else h.tokens for h in ordered] == \
-        _golden_rows(golden, "beam_pass1")
-    torch.testing.assert_close(torch.tensor([h.search_score for h in ordered]), golden["beam_pass1_scores"],
-                               atol=SCORE_TOL, rtol=0)
-    raw, half = golden["beam_rescore_raw"], len(ordered) // 2
+    raw, half = ical["golden"]["beam_rescore_raw"], len(ordered) // 2
     torch.testing.assert_close(torch.tensor([h.score - h.search_score for h in ordered]),
                                torch.cat((raw[half:], raw[:half])), atol=SCORE_TOL, rtol=0)
 
 
 def test_single_images_search_and_score(ical: dict) -> None:
-    model, golden, meta = ical["model"], ical["golden"], ical["meta"]
-    for i, case in enumerate(meta["single_image_scores"]):
-        image = single_image(i)
-        recognized = model.recognize(image[0], mode="comer", beam_size=10)[0]
-        assert recognized.tokens == golden[f"beam_single{i}_tokens"].tolist()
-        assert abs(recognized.score - float(golden[f"beam_single{i}_score"])) < SCORE_TOL
+    model, meta = ical["model"], ical["meta"]
+    check_single_images_search(ical, mode="comer")
+    for case in meta["single_image_scores"]:
         for direction in ("l2r", "r2l"):
             score = model.score([Image.open(GOLDENS / case["image_file"])], [case["caption"]], direction=direction)
             assert abs(float(score[0]) - case[f"{direction}_logprob"]) < 1e-3
@@ -250,18 +214,7 @@ TINY = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck
     ("comer_implicit_skeleton", ["model.heads.implicit.dim_feedforward=64"], {"implicit", "fusion", "skeleton"}),
 ])
 def test_recipes_train(tmp_path: Path, sample_root: Path, recipe: str, overrides: list[str], heads: set) -> None:
-    from rich.console import Console
-
-    from hmerzoo.trainer import train
-
-    config = hmerzoo.load_recipe(recipe, TINY + overrides + [
-        f"data.root={sample_root}", "data.num_workers=0", "data.val_holdout=4", "data.batch_size=2",
-        "data.max_image_pixels=20000", "train.max_steps=2", "train.val_every=0", "train.log_every=1",
-        "train.device=cpu", f"train.output_dir={tmp_path}"])
-    run_dir = train(config, console=Console(file=open(tmp_path / "log.txt", "w"), highlight=False))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    run_dir, steps = train_two_steps(recipe, TINY + overrides, sample_root, tmp_path)
     assert all(all(f"loss/{h}" in r for h in heads) and np.isfinite(r["loss"]) for r in steps)
     model = hmerzoo.load_model(run_dir)
     assert model.decoder.__dict__.get("_output") is model.heads["implicit"]  # predicts with the fused logits

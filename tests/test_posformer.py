@@ -15,24 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import hmerzoo
 from hmerzoo.batch import Batch
 from hmerzoo.builder import build_model
-from hmerzoo.config import DecodeConfig
 from hmerzoo.convert import CONVERTERS, convert, convert_state_dict_posformer
 from hmerzoo.convert.core import families_of
-from hmerzoo.decoding import search
 from hmerzoo.heads.position_forest import (ABOVE, BELOW, EOS, PAD, SOS, TOKEN, forest_paths, input_codes,
                                            level_position_targets)
 from hmerzoo.sequence import teacher_forcing_tensors
 from hmerzoo.vocab import Vocabulary
-from parity_harness import load_golden, step_logits
+from parity_harness import (check_batched_beam_search, check_single_images_search, check_stepped_logits, load_golden,
+                            train_two_steps)
 
 GOLDENS = Path(__file__).resolve().parent / "goldens" / "posformer"
 TOL = dict(atol=1e-4, rtol=1e-4)
-SCORE_TOL = 1e-4
 needs_goldens = pytest.mark.skipif(not (GOLDENS / "state_dict.safetensors").is_file(),
                                    reason=f"PosFormer goldens not found in {GOLDENS}")
 
@@ -164,46 +161,17 @@ def test_targets_and_losses_are_the_official_ones(posformer: dict) -> None:
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
 def test_incremental_equals_official_logits(posformer: dict, direction: str) -> None:
-    model, golden, tokens = posformer["model"], posformer["golden"], posformer["tokens"]
-    vocab = model.vocab
-    inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
-    offset = 0 if direction == "l2r" else 2
-    with torch.no_grad():
-        stepped = step_logits(model.decoder, posformer["memory"], posformer["mask"], inputs, direction, reorder_at=3)
-    torch.testing.assert_close(stepped, golden["logits"][offset:offset + 2], **TOL)
-
-
-def _golden_rows(golden: dict, prefix: str) -> list[list[int]]:
-    return [golden[f"{prefix}_tokens"][i, :n].tolist() for i, n in enumerate(golden[f"{prefix}_lengths"].tolist())]
+    check_stepped_logits(posformer, direction)
 
 
 @pytest.mark.slow  # the official search runs to its end
 def test_batched_beam_search_is_the_official(posformer: dict) -> None:
-    model, golden = posformer["model"], posformer["golden"]
-    vocab = model.vocab
-    config = DecodeConfig(mode="comer", beam_size=10, max_len=200, alpha=1.0)
-    with torch.no_grad():
-        results = search(model.decoder, posformer["memory"], posformer["mask"], config, sos_id=vocab.sos_id,
-                         eos_id=vocab.eos_id)
-    assert [r.best.tokens for r in results] == _golden_rows(golden, "beam")
-    torch.testing.assert_close(torch.tensor([r.best_score for r in results]), golden["beam_scores"],
-                               atol=SCORE_TOL, rtol=0)
-    beam = len(results[0].hypotheses) // 2
-    ordered = [h for r in results for h in r.hypotheses[:beam]] + [h for r in results for h in r.hypotheses[beam:]]
-    assert [h.tokens[::-1] if h.direction == "r2l" else h.tokens for h in ordered] == \
-        _golden_rows(golden, "beam_pass1")
-    torch.testing.assert_close(torch.tensor([h.search_score for h in ordered]), golden["beam_pass1_scores"],
-                               atol=SCORE_TOL, rtol=0)
+    check_batched_beam_search(posformer, "comer")
 
 
 @pytest.mark.slow  # the official search runs to its end
 def test_single_images_search(posformer: dict) -> None:
-    model, golden = posformer["model"], posformer["golden"]
-    for i in range(2):
-        pixels = np.array(Image.open(GOLDENS / f"image{i}.png"), dtype=np.float32) / 255.0
-        recognized = model.recognize(torch.from_numpy(pixels)[None], beam_size=10)[0]
-        assert recognized.tokens == golden[f"beam_single{i}_tokens"].tolist()
-        assert abs(recognized.score - float(golden[f"beam_single{i}_score"])) < SCORE_TOL
+    check_single_images_search(posformer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,18 +205,7 @@ TINY = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck
 
 @pytest.mark.slow
 def test_recipe_trains(tmp_path: Path, sample_root: Path) -> None:
-    from rich.console import Console
-
-    from hmerzoo.trainer import train
-
-    config = hmerzoo.load_recipe("posformer", TINY + [
-        f"data.root={sample_root}", "data.num_workers=0", "data.val_holdout=4", "data.batch_size=2",
-        "data.max_image_pixels=20000", "train.max_steps=2", "train.val_every=0", "train.log_every=1",
-        "train.device=cpu", f"train.output_dir={tmp_path}"])
-    run_dir = train(config, console=Console(file=open(tmp_path / "log.txt", "w"), highlight=False))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    run_dir, steps = train_two_steps("posformer", TINY, sample_root, tmp_path)
     assert all("loss/level" in r and "loss/relation" in r and np.isfinite(r["loss"]) for r in steps)
     model = hmerzoo.load_model(run_dir)
     assert len(model.heads["position"].decoder.layers) == 2  # the position decoder follows the main one

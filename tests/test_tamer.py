@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import hmerzoo
 from hmerzoo.batch import Batch
@@ -28,11 +27,11 @@ from hmerzoo.heads.latex_tree import IllegalLatex, parents, structure_targets
 from hmerzoo.heads.tree_structure import TreeStructureHead
 from hmerzoo.sequence import IGNORE_INDEX
 from hmerzoo.vocab import Vocabulary
-from parity_harness import load_golden, step_logits
+from parity_harness import (check_batched_beam_search, check_single_images_search, check_stepped_logits, load_golden,
+                            train_two_steps)
 
 GOLDENS = Path(__file__).resolve().parent / "goldens" / "tamer"
 TOL = dict(atol=1e-4, rtol=1e-4)
-SCORE_TOL = 1e-4
 needs_goldens = pytest.mark.skipif(not (GOLDENS / "state_dict.safetensors").is_file(),
                                    reason=f"TAMER goldens not found in {GOLDENS}")
 
@@ -137,48 +136,17 @@ def test_targets_and_losses_are_the_official_ones(tamer: dict) -> None:
 
 @pytest.mark.parametrize("direction", ["l2r", "r2l"])
 def test_incremental_equals_official_logits(tamer: dict, direction: str) -> None:
-    model, golden, tokens = tamer["model"], tamer["golden"], tamer["tokens"]
-    vocab = model.vocab
-    from hmerzoo.sequence import teacher_forcing_tensors
-
-    inputs, _ = teacher_forcing_tensors(tokens, direction, vocab.sos_id, vocab.eos_id, vocab.pad_id)
-    offset = 0 if direction == "l2r" else 2
-    with torch.no_grad():
-        stepped = step_logits(model.decoder, tamer["memory"], tamer["mask"], inputs, direction, reorder_at=3)
-    torch.testing.assert_close(stepped, golden["logits"][offset:offset + 2], **TOL)
-
-
-def _golden_rows(golden: dict, prefix: str) -> list[list[int]]:
-    return [golden[f"{prefix}_tokens"][i, :n].tolist() for i, n in enumerate(golden[f"{prefix}_lengths"].tolist())]
+    check_stepped_logits(tamer, direction)
 
 
 @pytest.mark.slow  # ~30-50 s on 2 busy cores: the official search runs to its end
 def test_batched_beam_search_is_the_official(tamer: dict) -> None:
-    model, golden = tamer["model"], tamer["golden"]
-    vocab = model.vocab
-    config = DecodeConfig(mode="tamer", beam_size=10, max_len=200, alpha=1.0)
-    with torch.no_grad():
-        results = search(model.decoder, tamer["memory"], tamer["mask"], config, sos_id=vocab.sos_id,
-                         eos_id=vocab.eos_id)
-    assert [r.best.tokens for r in results] == _golden_rows(golden, "beam")
-    torch.testing.assert_close(torch.tensor([r.best_score for r in results]), golden["beam_scores"],
-                               atol=SCORE_TOL, rtol=0)
-    beam = len(results[0].hypotheses) // 2
-    ordered = [h for r in results for h in r.hypotheses[:beam]] + [h for r in results for h in r.hypotheses[beam:]]
-    assert [h.tokens[::-1] if h.direction == "r2l" else h.tokens for h in ordered] == \
-        _golden_rows(golden, "beam_pass1")
-    torch.testing.assert_close(torch.tensor([h.search_score for h in ordered]), golden["beam_pass1_scores"],
-                               atol=SCORE_TOL, rtol=0)
+    check_batched_beam_search(tamer, "tamer")
 
 
 @pytest.mark.slow  # ~30-50 s on 2 busy cores: the official search runs to its end
 def test_single_images_search(tamer: dict) -> None:
-    model, golden = tamer["model"], tamer["golden"]
-    for i in range(2):
-        pixels = np.array(Image.open(GOLDENS / f"image{i}.png"), dtype=np.float32) / 255.0
-        recognized = model.recognize(torch.from_numpy(pixels)[None], beam_size=10)[0]
-        assert recognized.tokens == golden[f"beam_single{i}_tokens"].tolist()
-        assert abs(recognized.score - float(golden[f"beam_single{i}_score"])) < SCORE_TOL
+    check_single_images_search(tamer)
 
 
 def test_tamer_mode_needs_the_head(tamer: dict) -> None:
@@ -225,18 +193,7 @@ TINY = ["model.encoder.growth_rate=4", "model.encoder.num_layers=2", "model.neck
     ("comer_implicit_tree", ["model.heads.implicit.dim_feedforward=64"], {"structure", "implicit", "fusion"}),
 ])
 def test_recipes_train(tmp_path: Path, sample_root: Path, recipe: str, overrides: list[str], heads: set) -> None:
-    from rich.console import Console
-
-    from hmerzoo.trainer import train
-
-    config = hmerzoo.load_recipe(recipe, TINY + overrides + [
-        f"data.root={sample_root}", "data.num_workers=0", "data.val_holdout=4", "data.batch_size=2",
-        "data.max_image_pixels=20000", "train.max_steps=2", "train.val_every=0", "train.log_every=1",
-        "train.device=cpu", f"train.output_dir={tmp_path}"])
-    run_dir = train(config, console=Console(file=open(tmp_path / "log.txt", "w"), highlight=False))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2]
+    run_dir, steps = train_two_steps(recipe, TINY + overrides, sample_root, tmp_path)
     assert all(all(f"loss/{h}" in r for h in heads) and np.isfinite(r["loss"]) for r in steps)
     model = hmerzoo.load_model(run_dir)
     assert model.decoder.rescorer is model.heads["structure"] and model.recipe["decode"]["mode"] == "tamer"
